@@ -1,0 +1,123 @@
+//! `x · Wᵀ` over any stored weight format, rows of W split across the thread pool.
+
+use rayon::prelude::*;
+
+use super::SharedMut;
+use crate::weight::WeightMatrix;
+
+/// Below this many multiply-adds the pool costs more than it saves.
+const PARALLEL_MIN_WORK: usize = 1 << 15;
+
+/// `out[n, rows] = x[n, cols] · wᵀ`; each weight row is visited once for the whole batch.
+pub fn matmul(x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
+    let (rows, cols) = (w.rows(), w.cols());
+    if cols == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let n = x.len() / cols;
+    assert_eq!(out.len(), n * rows, "matmul output must be [n, rows]");
+    let row_task = |row: usize, dst: SharedMut| {
+        for t in 0..n {
+            let value = w.dot_row(row, &x[t * cols..(t + 1) * cols]);
+            // SAFETY: `t * rows + row < n * rows == out.len()`, and row `row` belongs to one task.
+            unsafe { dst.write(t * rows + row, value) };
+        }
+    };
+    let dst = SharedMut::new(out);
+    if rows * cols * n < PARALLEL_MIN_WORK {
+        (0..rows).for_each(|row| row_task(row, dst));
+    } else {
+        let chunk = (rows / (rayon::current_num_threads() * 8)).max(4);
+        (0..rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
+            for row in c * chunk..((c + 1) * chunk).min(rows) {
+                row_task(row, dst);
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::WeightFormat;
+    use crate::weight::ByteView;
+    use rand::{Rng, SeedableRng};
+
+    fn reference(x: &[f32], w: &[f64], rows: usize, cols: usize) -> Vec<f64> {
+        let n = x.len() / cols;
+        let mut out = vec![0.0; n * rows];
+        for t in 0..n {
+            for r in 0..rows {
+                out[t * rows + r] = (0..cols).map(|c| x[t * cols + c] as f64 * w[r * cols + c]).sum();
+            }
+        }
+        out
+    }
+
+    fn check(w: &WeightMatrix, decoded: &[f64], n: usize, seed: u64) {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let x: Vec<f32> = (0..n * w.cols()).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let mut out = vec![0.0f32; n * w.rows()];
+        matmul(&x, w, &mut out);
+        let expected = reference(&x, decoded, w.rows(), w.cols());
+        for (a, b) in out.iter().zip(&expected) {
+            assert!((*a as f64 - b).abs() < 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn all_formats_against_f64() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        // Odd sizes and enough work to take the parallel path.
+        for &(rows, cols, n) in &[(7usize, 13usize, 3usize), (301, 131, 2)] {
+            let vals: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
+            let w = WeightMatrix::from_f32(rows, cols, &vals).unwrap();
+            check(&w, &vals.iter().map(|&v| v as f64).collect::<Vec<_>>(), n, 1);
+
+            let bf: Vec<u16> = vals.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+            let bytes = bf.iter().flat_map(|b| b.to_le_bytes()).collect();
+            let w = WeightMatrix::new(rows, cols, WeightFormat::Bf16, ByteView::from_vec(bytes)).unwrap();
+            check(
+                &w,
+                &bf.iter()
+                    .map(|&b| half::bf16::from_bits(b).to_f64())
+                    .collect::<Vec<_>>(),
+                n,
+                2,
+            );
+
+            let hf: Vec<u16> = vals.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
+            let bytes = hf.iter().flat_map(|b| b.to_le_bytes()).collect();
+            let w = WeightMatrix::new(rows, cols, WeightFormat::F16, ByteView::from_vec(bytes)).unwrap();
+            check(
+                &w,
+                &hf.iter().map(|&b| half::f16::from_bits(b).to_f64()).collect::<Vec<_>>(),
+                n,
+                3,
+            );
+
+            // FP8 with 4x5 blocks: partial blocks at both edges.
+            let (br, bc) = (4, 5);
+            let q: Vec<u8> = (0..rows * cols)
+                .map(|_| rng.random_range(0..=0x7e) | (rng.random::<u8>() & 0x80))
+                .collect();
+            let scales: Vec<f32> = (0..rows.div_ceil(br) * cols.div_ceil(bc))
+                .map(|_| rng.random_range(0.01..2.0))
+                .collect();
+            let decoded: Vec<f64> = (0..rows * cols)
+                .map(|i| {
+                    let (r, c) = (i / cols, i % cols);
+                    crate::dtype::fp8_e4m3_to_f32(q[i]) as f64 * scales[(r / br) * cols.div_ceil(bc) + c / bc] as f64
+                })
+                .collect();
+            let w = WeightMatrix::new_fp8_block(rows, cols, br, bc, ByteView::from_vec(q), scales).unwrap();
+            check(&w, &decoded, n, 4);
+            let mut row = vec![0.0; cols];
+            w.dequantize_row(rows - 1, &mut row);
+            for (a, b) in row.iter().zip(&decoded[(rows - 1) * cols..]) {
+                assert!((*a as f64 - b).abs() <= 1e-6 * b.abs());
+            }
+        }
+    }
+}

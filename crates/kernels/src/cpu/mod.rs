@@ -1,0 +1,108 @@
+//! The CPU backend: rayon's global pool for threads, scalar kernels over the stored formats.
+
+mod attention;
+mod elementwise;
+mod matmul;
+
+use crate::backend::{AttentionLayout, Backend, SeqSpan};
+use crate::kv_cache::PagedKvCache;
+use crate::rope::RopeTable;
+use crate::weight::WeightMatrix;
+
+pub use attention::attention;
+pub use elementwise::{add_assign, rms_norm, silu_mul};
+pub use matmul::matmul;
+
+/// A raw pointer that parallel tasks use to write disjoint parts of one output buffer.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedMut(*mut f32);
+// SAFETY: every user writes a disjoint set of indices, so no two threads touch the same float.
+unsafe impl Send for SharedMut {}
+// SAFETY: as above; the pointer is only written through at indices owned by one task.
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    pub(crate) fn new(out: &mut [f32]) -> Self {
+        Self(out.as_mut_ptr())
+    }
+
+    /// # Safety
+    /// `index` must be in bounds of the slice this was made from and written by no other task.
+    #[inline(always)]
+    pub(crate) unsafe fn write(self, index: usize, value: f32) {
+        // SAFETY: guaranteed by the caller (see above).
+        unsafe { *self.0.add(index) = value };
+    }
+}
+
+/// The CPU backend. Threads come from rayon's global pool (size it with `RAYON_NUM_THREADS` or
+/// `rayon::ThreadPoolBuilder::build_global`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuBackend;
+
+impl Backend for CpuBackend {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn matmul(&self, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
+        matmul(x, w, out);
+    }
+
+    fn rms_norm(&self, x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+        rms_norm(x, weight, eps, out);
+    }
+
+    fn silu_mul(&self, gate: &[f32], up: &[f32], out: &mut [f32]) {
+        silu_mul(gate, up, out);
+    }
+
+    fn add_assign(&self, acc: &mut [f32], x: &[f32]) {
+        add_assign(acc, x);
+    }
+
+    fn embedding(&self, table: &WeightMatrix, ids: &[u32], out: &mut [f32]) {
+        let dim = table.cols();
+        for (row, &id) in out.chunks_exact_mut(dim).zip(ids) {
+            table.dequantize_row(id as usize, row);
+        }
+    }
+
+    fn rope(&self, x: &mut [f32], spans: &[SeqSpan], head_stride: usize, offset: usize, table: &RopeTable) {
+        let dim = table.dim();
+        let mut tokens = x.chunks_exact_mut(x.len() / spans.iter().map(|s| s.len).sum::<usize>().max(1));
+        for span in spans {
+            for pos in span.start_pos..span.start_pos + span.len {
+                let Some(token) = tokens.next() else { return };
+                for head in token.chunks_exact_mut(head_stride) {
+                    table.apply(&mut head[offset..offset + dim], pos);
+                }
+            }
+        }
+    }
+
+    fn kv_store(&self, cache: &mut PagedKvCache, layer: usize, spans: &[SeqSpan], entries: &[f32]) {
+        let width = cache.width(layer);
+        let mut rows = entries.chunks_exact(width);
+        for span in spans {
+            for pos in span.start_pos..span.start_pos + span.len {
+                let Some(row) = rows.next() else { return };
+                let slot = cache.slot(span.block_table, pos);
+                cache.entry_mut(layer, slot).copy_from_slice(row);
+            }
+        }
+    }
+
+    fn attention(
+        &self,
+        q: &[f32],
+        spans: &[SeqSpan],
+        cache: &PagedKvCache,
+        layer: usize,
+        layout: &AttentionLayout,
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        attention(q, spans, cache, layer, layout, scale, out);
+    }
+}

@@ -1,0 +1,299 @@
+//! Weight matrices kept in their stored format, borrowed from a memory map or owned.
+
+use std::sync::Arc;
+
+use crate::dtype::{bf16_to_f32, f16_to_f32, WeightFormat, FP8_E4M3_TABLE};
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum WeightError {
+    #[error("{rows}x{cols} {format} matrix needs {expected} bytes, got {actual}")]
+    ByteLength {
+        rows: usize,
+        cols: usize,
+        format: &'static str,
+        expected: usize,
+        actual: usize,
+    },
+    #[error("block scales for a {rows}x{cols} matrix in {block_rows}x{block_cols} blocks must have {expected} values, got {actual}")]
+    ScaleLength {
+        rows: usize,
+        cols: usize,
+        block_rows: usize,
+        block_cols: usize,
+        expected: usize,
+        actual: usize,
+    },
+    #[error("block size {block_rows}x{block_cols} must be non-zero")]
+    ZeroBlock { block_rows: usize, block_cols: usize },
+    #[error("{rows}x{cols} matrix size overflows")]
+    Overflow { rows: usize, cols: usize },
+}
+
+/// A shared, immutable byte range: a slice of a memory-mapped file, or owned bytes.
+#[derive(Clone)]
+pub struct ByteView {
+    owner: Arc<dyn AsRef<[u8]> + Send + Sync>,
+    start: usize,
+    len: usize,
+}
+
+impl ByteView {
+    /// A view of `owner[start..start + len]`; `None` when the range is out of bounds.
+    pub fn new(owner: Arc<dyn AsRef<[u8]> + Send + Sync>, start: usize, len: usize) -> Option<Self> {
+        let end = start.checked_add(len)?;
+        if end > owner.as_ref().as_ref().len() {
+            return None;
+        }
+        Some(Self { owner, start, len })
+    }
+
+    pub fn from_vec(bytes: Vec<u8>) -> Self {
+        let len = bytes.len();
+        Self {
+            owner: Arc::new(bytes),
+            start: 0,
+            len,
+        }
+    }
+
+    pub fn from_f32(values: &[f32]) -> Self {
+        Self::from_vec(values.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
+
+    #[inline]
+    pub fn bytes(&self) -> &[u8] {
+        &self.owner.as_ref().as_ref()[self.start..self.start + self.len]
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl std::fmt::Debug for ByteView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ByteView({} bytes)", self.len)
+    }
+}
+
+/// A `[rows, cols]` row-major weight matrix (rows = output features, as in `nn.Linear`).
+#[derive(Clone, Debug)]
+pub struct WeightMatrix {
+    rows: usize,
+    cols: usize,
+    format: WeightFormat,
+    data: ByteView,
+    /// FP8 only: `[ceil(rows / block_rows), ceil(cols / block_cols)]` multipliers.
+    block_scales: Option<Arc<[f32]>>,
+}
+
+impl WeightMatrix {
+    /// Wraps stored bytes; checks that their length matches the shape.
+    pub fn new(rows: usize, cols: usize, format: WeightFormat, data: ByteView) -> Result<Self, WeightError> {
+        let expected = rows
+            .checked_mul(cols)
+            .and_then(|n| n.checked_mul(format.element_bytes()))
+            .ok_or(WeightError::Overflow { rows, cols })?;
+        if data.len() != expected {
+            return Err(WeightError::ByteLength {
+                rows,
+                cols,
+                format: format.name(),
+                expected,
+                actual: data.len(),
+            });
+        }
+        if let WeightFormat::F8E4M3Block { block_rows, block_cols } = format {
+            if block_rows == 0 || block_cols == 0 {
+                return Err(WeightError::ZeroBlock { block_rows, block_cols });
+            }
+        }
+        Ok(Self {
+            rows,
+            cols,
+            format,
+            data,
+            block_scales: None,
+        })
+    }
+
+    /// An FP8 block-scaled matrix: `value[i][j] = fp8[i][j] * scales[i / block_rows][j / block_cols]`.
+    pub fn new_fp8_block(
+        rows: usize,
+        cols: usize,
+        block_rows: usize,
+        block_cols: usize,
+        data: ByteView,
+        scales: Vec<f32>,
+    ) -> Result<Self, WeightError> {
+        let format = WeightFormat::F8E4M3Block { block_rows, block_cols };
+        let mut matrix = Self::new(rows, cols, format, data)?;
+        let expected = rows.div_ceil(block_rows) * cols.div_ceil(block_cols);
+        if scales.len() != expected {
+            return Err(WeightError::ScaleLength {
+                rows,
+                cols,
+                block_rows,
+                block_cols,
+                expected,
+                actual: scales.len(),
+            });
+        }
+        matrix.block_scales = Some(scales.into());
+        Ok(matrix)
+    }
+
+    pub fn from_f32(rows: usize, cols: usize, values: &[f32]) -> Result<Self, WeightError> {
+        Self::new(rows, cols, WeightFormat::F32, ByteView::from_f32(values))
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    pub fn format(&self) -> WeightFormat {
+        self.format
+    }
+
+    /// Bytes a full pass over this matrix reads (weights and scales).
+    pub fn stored_bytes(&self) -> usize {
+        self.data.len() + self.block_scales.as_ref().map_or(0, |s| s.len() * 4)
+    }
+
+    /// `row · x` in f32, decoding the stored format on the fly.
+    #[inline]
+    pub fn dot_row(&self, row: usize, x: &[f32]) -> f32 {
+        debug_assert_eq!(x.len(), self.cols);
+        let bytes = self.data.bytes();
+        let cols = self.cols;
+        match self.format {
+            WeightFormat::F32 => {
+                let row_bytes = &bytes[row * cols * 4..(row + 1) * cols * 4];
+                row_bytes
+                    .chunks_exact(4)
+                    .zip(x)
+                    .map(|(b, &xv)| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) * xv)
+                    .sum()
+            }
+            WeightFormat::Bf16 => {
+                let row_bytes = &bytes[row * cols * 2..(row + 1) * cols * 2];
+                row_bytes
+                    .chunks_exact(2)
+                    .zip(x)
+                    .map(|(b, &xv)| bf16_to_f32(u16::from_le_bytes([b[0], b[1]])) * xv)
+                    .sum()
+            }
+            WeightFormat::F16 => {
+                let row_bytes = &bytes[row * cols * 2..(row + 1) * cols * 2];
+                row_bytes
+                    .chunks_exact(2)
+                    .zip(x)
+                    .map(|(b, &xv)| f16_to_f32(u16::from_le_bytes([b[0], b[1]])) * xv)
+                    .sum()
+            }
+            WeightFormat::F8E4M3Block { block_rows, block_cols } => {
+                let scales = self.block_scales.as_deref().unwrap_or(&[]);
+                let scale_row = (row / block_rows) * cols.div_ceil(block_cols);
+                let row_bytes = &bytes[row * cols..(row + 1) * cols];
+                row_bytes
+                    .chunks(block_cols)
+                    .zip(x.chunks(block_cols))
+                    .enumerate()
+                    .map(|(block, (q, xs))| {
+                        let partial: f32 = q.iter().zip(xs).map(|(&b, &xv)| FP8_E4M3_TABLE[b as usize] * xv).sum();
+                        partial * scales[scale_row + block]
+                    })
+                    .sum()
+            }
+        }
+    }
+
+    /// Decodes one row into f32 (`out.len() == cols`).
+    pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
+        debug_assert_eq!(out.len(), self.cols);
+        let bytes = self.data.bytes();
+        let cols = self.cols;
+        match self.format {
+            WeightFormat::F32 => {
+                for (o, b) in out.iter_mut().zip(bytes[row * cols * 4..].chunks_exact(4)) {
+                    *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+            }
+            WeightFormat::Bf16 => {
+                for (o, b) in out.iter_mut().zip(bytes[row * cols * 2..].chunks_exact(2)) {
+                    *o = bf16_to_f32(u16::from_le_bytes([b[0], b[1]]));
+                }
+            }
+            WeightFormat::F16 => {
+                for (o, b) in out.iter_mut().zip(bytes[row * cols * 2..].chunks_exact(2)) {
+                    *o = f16_to_f32(u16::from_le_bytes([b[0], b[1]]));
+                }
+            }
+            WeightFormat::F8E4M3Block { block_rows, block_cols } => {
+                let scales = self.block_scales.as_deref().unwrap_or(&[]);
+                let scale_row = (row / block_rows) * cols.div_ceil(block_cols);
+                for (j, (o, &b)) in out.iter_mut().zip(&bytes[row * cols..(row + 1) * cols]).enumerate() {
+                    *o = FP8_E4M3_TABLE[b as usize] * scales[scale_row + j / block_cols];
+                }
+            }
+        }
+    }
+
+    /// The whole matrix in f32, for small matrices that an algorithm needs decoded (MLA absorption).
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.rows * self.cols];
+        for (r, chunk) in out.chunks_exact_mut(self.cols.max(1)).enumerate().take(self.rows) {
+            self.dequantize_row(r, chunk);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_wrong_byte_length() {
+        let err = WeightMatrix::new(2, 3, WeightFormat::Bf16, ByteView::from_vec(vec![0; 10])).unwrap_err();
+        assert_eq!(
+            err,
+            WeightError::ByteLength {
+                rows: 2,
+                cols: 3,
+                format: "BF16",
+                expected: 12,
+                actual: 10
+            }
+        );
+    }
+
+    #[test]
+    fn rejects_wrong_scale_count() {
+        let err = WeightMatrix::new_fp8_block(5, 5, 2, 2, ByteView::from_vec(vec![0; 25]), vec![1.0; 4]).unwrap_err();
+        assert!(matches!(
+            err,
+            WeightError::ScaleLength {
+                expected: 9,
+                actual: 4,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn byte_view_bounds() {
+        let owner: Arc<dyn AsRef<[u8]> + Send + Sync> = Arc::new(vec![0u8; 8]);
+        assert!(ByteView::new(owner.clone(), 4, 4).is_some());
+        assert!(ByteView::new(owner.clone(), 5, 4).is_none());
+        assert!(ByteView::new(owner, usize::MAX, 2).is_none());
+    }
+}

@@ -1,0 +1,14 @@
+//! Model configs, weights and architectures: `config.json` + safetensors in, `forward` out.
+
+pub mod config;
+pub mod deepseek;
+mod error;
+pub mod llama;
+pub mod model;
+pub mod registry;
+pub mod weights;
+
+pub use config::ModelDir;
+pub use error::{ModelError, Result};
+pub use model::{Batch, CausalLm, LogitsWanted, ModelInfo, ModelSummary, SeqInput};
+pub use registry::{load_model, summarize, ARCHITECTURES};

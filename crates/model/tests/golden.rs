@@ -1,0 +1,228 @@
+//! Golden tests: every fixture in `tests/fixtures/` (tiny random models written by
+//! `tools/make_fixtures.py` with HuggingFace transformers) must give the reference's
+//! log-probabilities under full recompute, the reference's greedy tokens under KV-cached decode,
+//! and cached decode must equal full recompute.
+//!
+//! Tolerance: |Δlogprob| ≤ 1e-3 for every weight dtype. The reference for BF16/F16/FP8 fixtures is
+//! computed in f32 on exactly the stored (rounded / dequantised) values, so the only difference
+//! left is f32 summation order, the same as for F32 weights.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use r1serve_kernels::{CpuBackend, PagedKvCache};
+use r1serve_model::{load_model, Batch, CausalLm, LogitsWanted, SeqInput};
+use serde::Deserialize;
+
+const TOLERANCE: f32 = 1e-3;
+const CACHED_VS_RECOMPUTE_TOLERANCE: f32 = 1e-4;
+const BLOCK_SIZE: usize = 4;
+
+#[derive(Deserialize)]
+struct Golden {
+    cases: Vec<Case>,
+}
+
+#[derive(Deserialize)]
+struct Case {
+    prompt_ids: Vec<u32>,
+    greedy: Vec<u32>,
+    logprobs: Vec<Vec<f32>>,
+}
+
+fn fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn log_softmax(row: &[f32]) -> Vec<f32> {
+    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let lse = row.iter().map(|&v| ((v - max) as f64).exp()).sum::<f64>().ln() as f32 + max;
+    row.iter().map(|&v| v - lse).collect()
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn new_cache(model: &dyn CausalLm, tokens: usize) -> (PagedKvCache, Vec<u32>) {
+    let blocks = tokens.div_ceil(BLOCK_SIZE) + 1;
+    // Blocks handed out in reverse so the block table is not the identity.
+    let table: Vec<u32> = (0..blocks as u32).rev().collect();
+    (PagedKvCache::new(BLOCK_SIZE, blocks, &model.kv_entry_widths()), table)
+}
+
+/// Runs one fixture; returns the largest |Δlogprob| against the reference.
+fn check_fixture(name: &str) -> f32 {
+    let dir = fixtures_dir().join(name);
+    let golden: Golden = serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let model = load_model(&dir, Arc::new(CpuBackend)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let vocab = model.info().vocab_size;
+    let mut worst = 0.0f32;
+    for (ci, case) in golden.cases.iter().enumerate() {
+        let mut sequence = case.prompt_ids.clone();
+        sequence.extend_from_slice(&case.greedy[..case.greedy.len() - 1]);
+
+        // Full recompute over the whole sequence in one forward pass.
+        let (mut cache, table) = new_cache(model.as_ref(), sequence.len());
+        let mut logits = Vec::new();
+        let batch = Batch::single(SeqInput {
+            tokens: &sequence,
+            start_pos: 0,
+            block_table: &table,
+            logits: LogitsWanted::All,
+        });
+        model.forward(&batch, &mut cache, &mut logits).unwrap();
+        assert_eq!(logits.len(), sequence.len() * vocab);
+        assert_eq!(case.logprobs.len(), sequence.len(), "{name}: golden rows");
+        let full: Vec<Vec<f32>> = logits.chunks_exact(vocab).map(log_softmax).collect();
+        for (pos, (ours, reference)) in full.iter().zip(&case.logprobs).enumerate() {
+            for (a, b) in ours.iter().zip(reference) {
+                let d = (a - b).abs();
+                worst = worst.max(d);
+                assert!(
+                    d <= TOLERANCE,
+                    "{name} case {ci} pos {pos}: logprob {a} vs reference {b}"
+                );
+            }
+        }
+
+        // KV-cached decode: prefill the prompt, then one token per step.
+        let (mut cache, table) = new_cache(model.as_ref(), sequence.len());
+        let prompt = &case.prompt_ids;
+        model
+            .forward(
+                &Batch::single(SeqInput {
+                    tokens: prompt,
+                    start_pos: 0,
+                    block_table: &table,
+                    logits: LogitsWanted::Last,
+                }),
+                &mut cache,
+                &mut logits,
+            )
+            .unwrap();
+        let mut generated = Vec::new();
+        let mut pos = prompt.len();
+        loop {
+            let step_lp = log_softmax(&logits);
+            for (a, b) in step_lp.iter().zip(&full[pos - 1]) {
+                assert!(
+                    (a - b).abs() <= CACHED_VS_RECOMPUTE_TOLERANCE,
+                    "{name} case {ci}: cached decode at position {pos} differs from full recompute: {a} vs {b}"
+                );
+            }
+            let next = argmax(&logits);
+            generated.push(next);
+            if generated.len() == case.greedy.len() {
+                break;
+            }
+            model
+                .forward(
+                    &Batch::single(SeqInput {
+                        tokens: &[next],
+                        start_pos: pos,
+                        block_table: &table,
+                        logits: LogitsWanted::Last,
+                    }),
+                    &mut cache,
+                    &mut logits,
+                )
+                .unwrap();
+            pos += 1;
+        }
+        assert_eq!(generated, case.greedy, "{name} case {ci}: greedy tokens");
+    }
+    eprintln!("{name}: max |Δlogprob| = {worst:.2e}");
+    worst
+}
+
+macro_rules! golden_test {
+    ($($test:ident => $fixture:literal),* $(,)?) => {
+        $(
+            #[test]
+            fn $test() {
+                check_fixture($fixture);
+            }
+        )*
+
+        /// Every fixture directory has a test above.
+        #[test]
+        fn every_fixture_is_tested() {
+            let listed = [$($fixture),*];
+            for entry in std::fs::read_dir(fixtures_dir()).unwrap() {
+                let entry = entry.unwrap();
+                if entry.path().join("golden.json").exists() {
+                    let name = entry.file_name().into_string().unwrap();
+                    assert!(listed.contains(&name.as_str()), "fixture {name} has no golden test");
+                }
+            }
+        }
+    };
+}
+
+golden_test! {
+    llama_f32 => "llama-f32",
+    llama_f16 => "llama-f16",
+    qwen2_f32 => "qwen2-f32",
+    qwen2_bf16 => "qwen2-bf16",
+    dsv3_f32 => "dsv3-f32",
+    dsv3_noqlora_f32 => "dsv3-noqlora-f32",
+    dsv3_fp8 => "dsv3-fp8",
+    dsv3_bf16 => "dsv3-bf16",
+    dsv2_f32 => "dsv2-f32",
+    dsv2_group_f32 => "dsv2-group-f32",
+}
+
+/// Two sequences in one batch give the same logits as each alone.
+#[test]
+fn batched_sequences_match_single() {
+    let dir = fixtures_dir().join("qwen2-f32");
+    let golden: Golden = serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let model = load_model(&dir, Arc::new(CpuBackend)).unwrap();
+    let (a, b) = (&golden.cases[0].prompt_ids, &golden.cases[1].prompt_ids);
+    let mut cache = PagedKvCache::new(BLOCK_SIZE, 8, &model.kv_entry_widths());
+    let (ta, tb): (Vec<u32>, Vec<u32>) = ((0..4).collect(), (4..8).collect());
+    let mut logits = Vec::new();
+    let batch = Batch {
+        seqs: vec![
+            SeqInput {
+                tokens: a,
+                start_pos: 0,
+                block_table: &ta,
+                logits: LogitsWanted::Last,
+            },
+            SeqInput {
+                tokens: b,
+                start_pos: 0,
+                block_table: &tb,
+                logits: LogitsWanted::All,
+            },
+        ],
+    };
+    model.forward(&batch, &mut cache, &mut logits).unwrap();
+    let vocab = model.info().vocab_size;
+    assert_eq!(logits.len(), (1 + b.len()) * vocab);
+    let mut alone = Vec::new();
+    let mut cache2 = PagedKvCache::new(BLOCK_SIZE, 8, &model.kv_entry_widths());
+    model
+        .forward(
+            &Batch::single(SeqInput {
+                tokens: b,
+                start_pos: 0,
+                block_table: &tb,
+                logits: LogitsWanted::All,
+            }),
+            &mut cache2,
+            &mut alone,
+        )
+        .unwrap();
+    for (x, y) in logits[vocab..].iter().zip(&alone) {
+        assert!((x - y).abs() < 1e-5);
+    }
+}
