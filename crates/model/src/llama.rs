@@ -56,14 +56,14 @@ impl LlamaConfig {
 
     fn check(&self, dir: &ModelDir) -> Result<()> {
         let fail = |m: String| Err(dir.error(m));
-        if self.num_attention_heads == 0 || self.kv_heads() == 0 || self.num_attention_heads % self.kv_heads() != 0 {
+        if self.num_attention_heads == 0 || self.kv_heads() == 0 || !self.num_attention_heads.is_multiple_of(self.kv_heads()) {
             return fail(format!(
                 "num_attention_heads ({}) must be a positive multiple of num_key_value_heads ({})",
                 self.num_attention_heads,
                 self.kv_heads()
             ));
         }
-        if self.head_dim() % 2 != 0 || self.head_dim() == 0 {
+        if !self.head_dim().is_multiple_of(2) || self.head_dim() == 0 {
             return fail(format!(
                 "head_dim ({}) must be even and positive for rope",
                 self.head_dim()

@@ -11,10 +11,13 @@ use crate::model::{CausalLm, ModelSummary};
 use crate::weights::WeightStore;
 use crate::{deepseek, llama};
 
+/// Builds a runnable model from a directory.
+pub type LoadFn = fn(&ModelDir, Arc<dyn Backend>) -> Result<Box<dyn CausalLm>>;
+
 /// An architecture as named in `config.json`'s `architectures`.
 pub struct Architecture {
     pub name: &'static str,
-    pub load: fn(&ModelDir, Arc<dyn Backend>) -> Result<Box<dyn CausalLm>>,
+    pub load: LoadFn,
     pub summarize: fn(&ModelDir) -> Result<ModelSummary>,
 }
 
