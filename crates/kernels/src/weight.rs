@@ -168,51 +168,23 @@ impl WeightMatrix {
         self.data.len() + self.block_scales.as_ref().map_or(0, |s| s.len() * 4)
     }
 
-    /// `row · x` in f32, decoding the stored format on the fly.
+    /// The stored bytes of one row.
     #[inline]
-    pub fn dot_row(&self, row: usize, x: &[f32]) -> f32 {
-        debug_assert_eq!(x.len(), self.cols);
-        let bytes = self.data.bytes();
-        let cols = self.cols;
-        match self.format {
-            WeightFormat::F32 => {
-                let row_bytes = &bytes[row * cols * 4..(row + 1) * cols * 4];
-                row_bytes
-                    .chunks_exact(4)
-                    .zip(x)
-                    .map(|(b, &xv)| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) * xv)
-                    .sum()
+    pub fn row_bytes(&self, row: usize) -> &[u8] {
+        let width = self.cols * self.format.element_bytes();
+        &self.data.bytes()[row * width..(row + 1) * width]
+    }
+
+    /// FP8 only: the scales of the block row that `row` falls in, one per column block.
+    #[inline]
+    pub fn row_block_scales(&self, row: usize) -> &[f32] {
+        match (self.format, self.block_scales.as_deref()) {
+            (WeightFormat::F8E4M3Block { block_rows, block_cols }, Some(scales)) => {
+                let per_row = self.cols.div_ceil(block_cols);
+                let start = (row / block_rows) * per_row;
+                &scales[start..start + per_row]
             }
-            WeightFormat::Bf16 => {
-                let row_bytes = &bytes[row * cols * 2..(row + 1) * cols * 2];
-                row_bytes
-                    .chunks_exact(2)
-                    .zip(x)
-                    .map(|(b, &xv)| bf16_to_f32(u16::from_le_bytes([b[0], b[1]])) * xv)
-                    .sum()
-            }
-            WeightFormat::F16 => {
-                let row_bytes = &bytes[row * cols * 2..(row + 1) * cols * 2];
-                row_bytes
-                    .chunks_exact(2)
-                    .zip(x)
-                    .map(|(b, &xv)| f16_to_f32(u16::from_le_bytes([b[0], b[1]])) * xv)
-                    .sum()
-            }
-            WeightFormat::F8E4M3Block { block_rows, block_cols } => {
-                let scales = self.block_scales.as_deref().unwrap_or(&[]);
-                let scale_row = (row / block_rows) * cols.div_ceil(block_cols);
-                let row_bytes = &bytes[row * cols..(row + 1) * cols];
-                row_bytes
-                    .chunks(block_cols)
-                    .zip(x.chunks(block_cols))
-                    .enumerate()
-                    .map(|(block, (q, xs))| {
-                        let partial: f32 = q.iter().zip(xs).map(|(&b, &xv)| FP8_E4M3_TABLE[b as usize] * xv).sum();
-                        partial * scales[scale_row + block]
-                    })
-                    .sum()
-            }
+            _ => &[],
         }
     }
 

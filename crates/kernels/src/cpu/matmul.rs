@@ -2,6 +2,7 @@
 
 use rayon::prelude::*;
 
+use super::dot::dot_row;
 use super::SharedMut;
 use crate::weight::WeightMatrix;
 
@@ -19,7 +20,7 @@ pub fn matmul(x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
     assert_eq!(out.len(), n * rows, "matmul output must be [n, rows]");
     let row_task = |row: usize, dst: SharedMut| {
         for t in 0..n {
-            let value = w.dot_row(row, &x[t * cols..(t + 1) * cols]);
+            let value = dot_row(w, row, &x[t * cols..(t + 1) * cols]);
             // SAFETY: `t * rows + row < n * rows == out.len()`, and row `row` belongs to one task.
             unsafe { dst.write(t * rows + row, value) };
         }

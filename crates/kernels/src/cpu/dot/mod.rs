@@ -1,0 +1,227 @@
+//! Dot products of one stored weight row with an f32 vector: the inner loop of every matmul.
+//!
+//! The instruction set is picked once at run time (AVX-512, AVX2+FMA+F16C, or scalar); all x86
+//! code sits behind `cfg(target_arch = "x86_64")` so other targets build on the scalar path.
+//! Activations stay f32: weights are widened to f32 in registers, so every path computes the
+//! same products as the scalar reference, only summed in a different order.
+
+mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use std::sync::OnceLock;
+
+use crate::dtype::WeightFormat;
+use crate::weight::WeightMatrix;
+
+/// Instruction sets the CPU kernels are written for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    Scalar,
+    /// AVX2 with FMA and F16C.
+    Avx2,
+    /// AVX-512 F/BW/VL (plus the AVX2 set).
+    Avx512,
+}
+
+impl Isa {
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+
+    /// Every instruction set this CPU can run, best first.
+    pub fn available() -> Vec<Isa> {
+        let mut out = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 =
+                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
+            if avx2
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+            {
+                out.push(Isa::Avx512);
+            }
+            if avx2 {
+                out.push(Isa::Avx2);
+            }
+        }
+        out.push(Isa::Scalar);
+        out
+    }
+}
+
+/// The instruction set in use: the best available, or `R1SERVE_ISA=scalar|avx2|avx512` if that is
+/// available (for comparisons and tests).
+pub fn isa() -> Isa {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        let available = Isa::available();
+        let requested = std::env::var("R1SERVE_ISA").ok();
+        requested
+            .and_then(|name| available.iter().copied().find(|isa| isa.name() == name))
+            .unwrap_or(available[0])
+    })
+}
+
+/// `w[row] · x` with the process-wide instruction set.
+#[inline]
+pub fn dot_row(w: &WeightMatrix, row: usize, x: &[f32]) -> f32 {
+    dot_row_with(isa(), w, row, x)
+}
+
+/// `w[row] · x` with a given instruction set, which must be one of [`Isa::available`].
+#[inline]
+pub fn dot_row_with(isa: Isa, w: &WeightMatrix, row: usize, x: &[f32]) -> f32 {
+    debug_assert_eq!(x.len(), w.cols());
+    let bytes = w.row_bytes(row);
+    match w.format() {
+        WeightFormat::F8E4M3Block { block_cols, .. } => {
+            let scales = w.row_block_scales(row);
+            bytes
+                .chunks(block_cols)
+                .zip(x.chunks(block_cols))
+                .zip(scales)
+                .map(|((q, xs), &scale)| fp8_dot(isa, q, xs) * scale)
+                .sum()
+        }
+        WeightFormat::F32 => dense_dot(isa, Dense::F32, bytes, x),
+        WeightFormat::Bf16 => dense_dot(isa, Dense::Bf16, bytes, x),
+        WeightFormat::F16 => dense_dot(isa, Dense::F16, bytes, x),
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Dense {
+    F32,
+    Bf16,
+    F16,
+}
+
+#[inline]
+fn dense_dot(isa: Isa, kind: Dense, bytes: &[u8], x: &[f32]) -> f32 {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => {
+            // SAFETY: `Isa::Avx512` is only produced by `Isa::available` after detecting
+            // avx512f/bw/vl, avx2, fma and f16c; slices are bounds-checked inside.
+            unsafe {
+                match kind {
+                    Dense::F32 => x86::dot_f32_avx512(bytes, x),
+                    Dense::Bf16 => x86::dot_bf16_avx512(bytes, x),
+                    Dense::F16 => x86::dot_f16_avx512(bytes, x),
+                }
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => {
+            // SAFETY: `Isa::Avx2` is only produced after detecting avx2, fma and f16c.
+            unsafe {
+                match kind {
+                    Dense::F32 => x86::dot_f32_avx2(bytes, x),
+                    Dense::Bf16 => x86::dot_bf16_avx2(bytes, x),
+                    Dense::F16 => x86::dot_f16_avx2(bytes, x),
+                }
+            }
+        }
+        _ => match kind {
+            Dense::F32 => scalar::dot_f32(bytes, x),
+            Dense::Bf16 => scalar::dot_bf16(bytes, x),
+            Dense::F16 => scalar::dot_f16(bytes, x),
+        },
+    }
+}
+
+/// Unscaled dot product of FP8 E4M3 bytes with `x`.
+#[inline]
+fn fp8_dot(isa: Isa, q: &[u8], x: &[f32]) -> f32 {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: see `dense_dot`: the variant proves the features were detected.
+        Isa::Avx512 => unsafe { x86::dot_fp8_avx512(q, x) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe { x86::dot_fp8_avx2(q, x) },
+        _ => scalar::dot_fp8(q, x),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::fp8_e4m3_to_f32;
+    use crate::weight::ByteView;
+    use rand::{Rng, SeedableRng};
+
+    /// Checks every available instruction set against an f64 reference over odd lengths.
+    #[test]
+    fn every_isa_matches_f64_reference() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(42);
+        for &cols in &[1usize, 7, 16, 33, 64, 129, 300] {
+            let vals: Vec<f32> = (0..2 * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
+            let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let bf: Vec<u16> = vals.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+            let hf: Vec<u16> = vals.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
+            // Every FP8 byte pattern except NaN, with both signs.
+            let q: Vec<u8> = (0..2 * cols)
+                .map(|_| rng.random_range(0..=0x7e) | (rng.random::<u8>() & 0x80))
+                .collect();
+            let (br, bc) = (1, 32);
+            let scales: Vec<f32> = (0..2 * cols.div_ceil(bc))
+                .map(|_| rng.random_range(0.01..2.0))
+                .collect();
+
+            let le = |v: &[u16]| v.iter().flat_map(|b| b.to_le_bytes()).collect::<Vec<u8>>();
+            let cases: Vec<(WeightMatrix, Vec<f64>)> = vec![
+                (
+                    WeightMatrix::from_f32(2, cols, &vals).unwrap(),
+                    vals.iter().map(|&v| v as f64).collect(),
+                ),
+                (
+                    WeightMatrix::new(2, cols, WeightFormat::Bf16, ByteView::from_vec(le(&bf))).unwrap(),
+                    bf.iter().map(|&b| half::bf16::from_bits(b).to_f64()).collect(),
+                ),
+                (
+                    WeightMatrix::new(2, cols, WeightFormat::F16, ByteView::from_vec(le(&hf))).unwrap(),
+                    hf.iter().map(|&b| half::f16::from_bits(b).to_f64()).collect(),
+                ),
+                (
+                    WeightMatrix::new_fp8_block(2, cols, br, bc, ByteView::from_vec(q.clone()), scales.clone())
+                        .unwrap(),
+                    (0..2 * cols)
+                        .map(|i| {
+                            let (r, c) = (i / cols, i % cols);
+                            fp8_e4m3_to_f32(q[i]) as f64 * scales[r * cols.div_ceil(bc) + c / bc] as f64
+                        })
+                        .collect(),
+                ),
+            ];
+            for (w, decoded) in &cases {
+                for row in 0..2 {
+                    let expected: f64 = (0..cols).map(|c| decoded[row * cols + c] * x[c] as f64).sum();
+                    let magnitude: f64 = (0..cols).map(|c| (decoded[row * cols + c] * x[c] as f64).abs()).sum();
+                    for isa in Isa::available() {
+                        let got = dot_row_with(isa, w, row, &x) as f64;
+                        assert!(
+                            (got - expected).abs() <= 1e-5 * (1.0 + magnitude),
+                            "{} {:?} cols {cols}: {got} vs {expected}",
+                            isa.name(),
+                            w.format()
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn scalar_is_always_available() {
+        assert_eq!(*Isa::available().last().unwrap(), Isa::Scalar);
+        assert!(Isa::available().contains(&isa()));
+    }
+}
