@@ -91,7 +91,30 @@ impl ModelDir {
     /// Deserialises the config into an architecture's typed config; missing or mistyped keys are
     /// named in the error.
     pub fn parse<T: DeserializeOwned>(&self) -> Result<T> {
-        serde_json::from_value(self.config.clone()).map_err(|e| self.error(format!("config: {e}")))
+        let error = match serde_json::from_value::<T>(self.config.clone()) {
+            Ok(parsed) => return Ok(parsed),
+            Err(e) => e,
+        };
+        // serde names a missing field but not a mistyped one ("invalid type: string, expected
+        // usize"); find the key whose removal changes the error, which is the one it tripped on.
+        let culprit = self.config.as_object().and_then(|object| {
+            let message = error.to_string();
+            if message.starts_with("missing field") {
+                return None;
+            }
+            object.keys().find(|key| {
+                let mut without = object.clone();
+                without.remove(*key);
+                match serde_json::from_value::<T>(Value::Object(without)) {
+                    Ok(_) => true,
+                    Err(e) => e.to_string() != message,
+                }
+            })
+        });
+        Err(match culprit {
+            Some(key) => self.error(format!("config key `{key}`: {error} (value: {})", self.config[key])),
+            None => self.error(format!("config: {error}")),
+        })
     }
 
     /// The architecture name: `architectures[0]`, or derived from `model_type`.
@@ -264,6 +287,26 @@ mod tests {
         let d = dir_with(serde_json::json!({"rope_scaling": {"type": "dynamic-ish", "factor": 2}}));
         let msg = d.rope().unwrap_err().to_string();
         assert!(msg.contains("dynamic-ish"), "{msg}");
+    }
+
+    #[test]
+    fn mistyped_key_is_named() {
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Small {
+            hidden_size: usize,
+            #[serde(default)]
+            head_dim: Option<usize>,
+        }
+        let d = dir_with(serde_json::json!({"a": 1, "hidden_size": "64", "z": 2}));
+        let msg = d.parse::<Small>().unwrap_err().to_string();
+        assert!(msg.contains("`hidden_size`") && msg.contains("\"64\""), "{msg}");
+        let d = dir_with(serde_json::json!({"hidden_size": 64, "head_dim": -1}));
+        let msg = d.parse::<Small>().unwrap_err().to_string();
+        assert!(msg.contains("`head_dim`"), "{msg}");
+        let d = dir_with(serde_json::json!({"head_dim": 4}));
+        let msg = d.parse::<Small>().unwrap_err().to_string();
+        assert!(msg.contains("missing field `hidden_size`"), "{msg}");
     }
 
     #[test]

@@ -67,7 +67,7 @@ impl WeightStore {
             let file = file
                 .as_str()
                 .ok_or_else(|| bad_index(&format!("weight_map entry `{name}` is not a file name")))?;
-            if file.contains('/') || file.contains('\\') || file == ".." {
+            if file.contains('/') || file.contains('\\') || matches!(file, "" | "." | "..") {
                 return Err(bad_index(&format!("shard name `{file}` must be a plain file name")));
             }
             shards.entry(file).or_default().push(name);

@@ -1,0 +1,269 @@
+//! Multi-head latent attention in absorbed form.
+//!
+//! The cache holds one latent entry per token: `[kv_a_layernorm(c_kv) (kv_lora_rank) | rope(k_pe)
+//! (qk_rope_head_dim)]`. Keys and values are never expanded per head: the query's no-rope part is
+//! pulled through `W_UK` (the key rows of `kv_b_proj`) into latent space,
+//! `q_abs_h = W_UK_hᵀ · q_nope_h`, so `q_h · k_h = [q_abs_h | q_pe_h] · [c_kv | k_pe]`; attention
+//! then returns a latent vector per head, which `W_UV_h` (the value rows) maps to `v_head_dim`.
+
+use r1serve_kernels::{AttentionLayout, Backend, PagedKvCache, RopeTable, SeqSpan, WeightMatrix};
+
+use super::config::DeepseekConfig;
+use crate::error::{ModelError, Result};
+use crate::model::ensure;
+use crate::weights::WeightStore;
+
+/// eps of `q_a_layernorm` / `kv_a_layernorm`: both references build them with the RMSNorm default
+/// (1e-6), not the config's `rms_norm_eps`.
+const LATENT_NORM_EPS: f32 = 1e-6;
+
+/// The query projection: low-rank with a norm in between (V3, V2), or one matrix (V2-Lite).
+pub enum QueryProj {
+    LowRank {
+        a: WeightMatrix,
+        norm: Vec<f32>,
+        b: WeightMatrix,
+    },
+    Full(WeightMatrix),
+}
+
+/// One layer's attention weights.
+pub struct Mla {
+    q: QueryProj,
+    /// `[kv_lora_rank + rope, hidden]`.
+    kv_a: WeightMatrix,
+    kv_a_norm: Vec<f32>,
+    /// Per head `W_UK_hᵀ`: `[kv_lora_rank, qk_nope]`, f32 (decoded from `kv_b_proj`).
+    uk_t: Vec<WeightMatrix>,
+    /// Per head `W_UV_h`: `[v_head_dim, kv_lora_rank]`, f32.
+    uv: Vec<WeightMatrix>,
+    /// `[hidden, heads * v_head_dim]`.
+    o: WeightMatrix,
+}
+
+/// Sizes the forward pass needs, copied out of the config.
+#[derive(Clone, Copy, Debug)]
+pub struct MlaShape {
+    pub heads: usize,
+    pub nope: usize,
+    pub rope: usize,
+    pub v: usize,
+    pub kv_lora: usize,
+    pub q_lora: Option<usize>,
+}
+
+impl MlaShape {
+    pub fn new(cfg: &DeepseekConfig) -> Self {
+        Self {
+            heads: cfg.num_heads,
+            nope: cfg.qk_nope_head_dim,
+            rope: cfg.qk_rope_head_dim,
+            v: cfg.v_head_dim,
+            kv_lora: cfg.kv_lora_rank,
+            q_lora: cfg.q_lora_rank,
+        }
+    }
+
+    fn qk(&self) -> usize {
+        self.nope + self.rope
+    }
+
+    /// Width of a cache entry and of an absorbed query head.
+    pub fn latent_width(&self) -> usize {
+        self.kv_lora + self.rope
+    }
+
+    pub fn layout(&self) -> AttentionLayout {
+        AttentionLayout::latent(self.heads, self.kv_lora, self.rope)
+    }
+}
+
+/// Per-forward buffers, reused across steps.
+#[derive(Default)]
+pub struct MlaScratch {
+    q_a: Vec<f32>,
+    q_a_normed: Vec<f32>,
+    q: Vec<f32>,
+    kv: Vec<f32>,
+    latent: Vec<f32>,
+    latent_normed: Vec<f32>,
+    entries: Vec<f32>,
+    q_abs: Vec<f32>,
+    head_in: Vec<f32>,
+    head_out: Vec<f32>,
+    attn: Vec<f32>,
+    values: Vec<f32>,
+}
+
+impl Mla {
+    /// Loads layer `prefix` (`model.layers.{i}`); every shape is checked.
+    pub fn load(store: &WeightStore, prefix: &str, shape: &MlaShape, hidden: usize) -> Result<Self> {
+        let p = format!("{prefix}.self_attn");
+        let (h, qk, r) = (shape.heads, shape.qk(), shape.kv_lora);
+        let q = match shape.q_lora {
+            Some(q_lora) => QueryProj::LowRank {
+                a: store.matrix(&format!("{p}.q_a_proj.weight"), q_lora, hidden)?,
+                norm: store.vector(&format!("{p}.q_a_layernorm.weight"), q_lora)?,
+                b: store.matrix(&format!("{p}.q_b_proj.weight"), h * qk, q_lora)?,
+            },
+            None => QueryProj::Full(store.matrix(&format!("{p}.q_proj.weight"), h * qk, hidden)?),
+        };
+        let kv_b_name = format!("{p}.kv_b_proj.weight");
+        let kv_b = store.matrix(&kv_b_name, h * (shape.nope + shape.v), r)?.to_f32();
+        let (uk_t, uv) = split_kv_b(&kv_b, shape).map_err(|source| ModelError::Weight {
+            name: kv_b_name,
+            path: store.dir().to_owned(),
+            source,
+        })?;
+        Ok(Self {
+            q,
+            kv_a: store.matrix(&format!("{p}.kv_a_proj_with_mqa.weight"), shape.latent_width(), hidden)?,
+            kv_a_norm: store.vector(&format!("{p}.kv_a_layernorm.weight"), r)?,
+            uk_t,
+            uv,
+            o: store.matrix(&format!("{p}.o_proj.weight"), hidden, h * shape.v)?,
+        })
+    }
+
+    /// Attention of `x` (`[n, hidden]`, already normed) for the batch's tokens: stores their latent
+    /// entries in layer `layer` of `cache` and writes the `o_proj` output to `out` (`[n, hidden]`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        be: &dyn Backend,
+        shape: &MlaShape,
+        x: &[f32],
+        spans: &[SeqSpan],
+        cache: &mut PagedKvCache,
+        layer: usize,
+        rope: &RopeTable,
+        scale: f32,
+        s: &mut MlaScratch,
+        out: &mut [f32],
+    ) {
+        let n: usize = spans.iter().map(|sp| sp.len).sum();
+        let (heads, nope, qk, r, w) = (shape.heads, shape.nope, shape.qk(), shape.kv_lora, shape.latent_width());
+
+        // Queries: [n, heads, nope | rope], rope part rotated.
+        let q = ensure(&mut s.q, n * heads * qk);
+        match &self.q {
+            QueryProj::LowRank { a, norm, b } => {
+                let q_a = ensure(&mut s.q_a, n * a.rows()); // [n, q_lora]
+                be.matmul(x, a, q_a);
+                let q_a_normed = ensure(&mut s.q_a_normed, n * a.rows());
+                be.rms_norm(q_a, norm, LATENT_NORM_EPS, q_a_normed);
+                be.matmul(q_a_normed, b, q);
+            }
+            QueryProj::Full(wq) => be.matmul(x, wq, q),
+        }
+        be.rope(q, spans, qk, nope, rope);
+
+        // Latent cache entries: [n, kv_lora | rope].
+        let kv = ensure(&mut s.kv, n * w);
+        be.matmul(x, &self.kv_a, kv);
+        let latent = ensure(&mut s.latent, n * r);
+        for (dst, src) in latent.chunks_exact_mut(r).zip(kv.chunks_exact(w)) {
+            dst.copy_from_slice(&src[..r]);
+        }
+        let latent_normed = ensure(&mut s.latent_normed, n * r);
+        be.rms_norm(latent, &self.kv_a_norm, LATENT_NORM_EPS, latent_normed);
+        let entries = ensure(&mut s.entries, n * w);
+        for ((entry, c), src) in entries
+            .chunks_exact_mut(w)
+            .zip(latent_normed.chunks_exact(r))
+            .zip(kv.chunks_exact(w))
+        {
+            entry[..r].copy_from_slice(c);
+            entry[r..].copy_from_slice(&src[r..]);
+        }
+        be.rope(entries, spans, w, r, rope);
+        be.kv_store(cache, layer, spans, entries);
+
+        // Absorbed queries: [n, heads, kv_lora | rope] with q_abs_h = W_UK_hᵀ q_nope_h.
+        let q_abs = ensure(&mut s.q_abs, n * heads * w);
+        for (h, uk_t) in self.uk_t.iter().enumerate() {
+            let head_in = ensure(&mut s.head_in, n * nope); // [n, nope]
+            for (dst, src) in head_in.chunks_exact_mut(nope).zip(q.chunks_exact(heads * qk)) {
+                dst.copy_from_slice(&src[h * qk..h * qk + nope]);
+            }
+            let head_out = ensure(&mut s.head_out, n * r); // [n, kv_lora]
+            be.matmul(head_in, uk_t, head_out);
+            for ((dst, absorbed), src) in q_abs
+                .chunks_exact_mut(heads * w)
+                .zip(head_out.chunks_exact(r))
+                .zip(q.chunks_exact(heads * qk))
+            {
+                dst[h * w..h * w + r].copy_from_slice(absorbed);
+                dst[h * w + r..(h + 1) * w].copy_from_slice(&src[h * qk + nope..(h + 1) * qk]);
+            }
+        }
+
+        // Attention over the latent cache: a latent vector per head, [n, heads, kv_lora].
+        let attn = ensure(&mut s.attn, n * heads * r);
+        be.attention(q_abs, spans, cache, layer, &shape.layout(), scale, attn);
+
+        // Values per head through W_UV_h: [n, heads, v].
+        let v = shape.v;
+        let values = ensure(&mut s.values, n * heads * v);
+        for (h, uv) in self.uv.iter().enumerate() {
+            let head_in = ensure(&mut s.head_in, n * r);
+            for (dst, src) in head_in.chunks_exact_mut(r).zip(attn.chunks_exact(heads * r)) {
+                dst.copy_from_slice(&src[h * r..(h + 1) * r]);
+            }
+            let head_out = ensure(&mut s.head_out, n * v);
+            be.matmul(head_in, uv, head_out);
+            for (dst, src) in values.chunks_exact_mut(heads * v).zip(head_out.chunks_exact(v)) {
+                dst[h * v..(h + 1) * v].copy_from_slice(src);
+            }
+        }
+        be.matmul(values, &self.o, out);
+    }
+}
+
+/// Splits decoded `kv_b_proj` (`[heads * (nope + v), kv_lora]`, per head `nope` key rows then `v`
+/// value rows) into per-head `W_UK_hᵀ` (`[kv_lora, nope]`) and `W_UV_h` (`[v, kv_lora]`).
+fn split_kv_b(
+    kv_b: &[f32],
+    shape: &MlaShape,
+) -> Result<(Vec<WeightMatrix>, Vec<WeightMatrix>), r1serve_kernels::WeightError> {
+    let (nope, v, r) = (shape.nope, shape.v, shape.kv_lora);
+    let mut uk_t = Vec::with_capacity(shape.heads);
+    let mut uv = Vec::with_capacity(shape.heads);
+    let mut transposed = vec![0.0f32; r * nope];
+    for head in kv_b.chunks_exact((nope + v) * r).take(shape.heads) {
+        let (keys, values) = head.split_at(nope * r);
+        for (d, row) in keys.chunks_exact(r).enumerate() {
+            for (c, &value) in row.iter().enumerate() {
+                transposed[c * nope + d] = value;
+            }
+        }
+        uk_t.push(WeightMatrix::from_f32(r, nope, &transposed)?);
+        uv.push(WeightMatrix::from_f32(v, r, values)?);
+    }
+    Ok((uk_t, uv))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kv_b_split_rows_and_transpose() {
+        let shape = MlaShape {
+            heads: 2,
+            nope: 2,
+            rope: 2,
+            v: 1,
+            kv_lora: 3,
+            q_lora: None,
+        };
+        // Row k of head h holds values 100h + 10k + c.
+        let kv_b: Vec<f32> = (0..2)
+            .flat_map(|h| (0..3).flat_map(move |k| (0..3).map(move |c| (100 * h + 10 * k + c) as f32)))
+            .collect();
+        let (uk_t, uv) = split_kv_b(&kv_b, &shape).unwrap();
+        assert_eq!(uk_t[1].to_f32(), vec![100.0, 110.0, 101.0, 111.0, 102.0, 112.0]);
+        assert_eq!(uv[0].to_f32(), vec![20.0, 21.0, 22.0]);
+        assert_eq!(uv[1].to_f32(), vec![120.0, 121.0, 122.0]);
+    }
+}
