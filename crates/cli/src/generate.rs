@@ -28,15 +28,15 @@ pub struct GenerateArgs {
     /// Prompt as comma-separated token ids, used as given (no BOS added).
     #[arg(long, value_delimiter = ',')]
     prompt_ids: Option<Vec<u32>>,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, allow_negative_numbers = true)]
     max_tokens: usize,
     /// 0 (the default) is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     top_p: f32,
     /// 0 disables the top-k cut.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     top_k: usize,
     #[arg(long)]
     seed: Option<u64>,
@@ -60,7 +60,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         (_, Some(ids)) => ids.clone(),
         (Some(text), None) => {
             let Some(tokenizer) = &tokenizer else {
-                bail!("{} has no tokenizer.json: pass --prompt-ids instead of --prompt", dir.display());
+                bail!(
+                    "{} has no tokenizer.json: pass --prompt-ids instead of --prompt",
+                    dir.display()
+                );
             };
             tokenizer.encode(text, true)?
         }
@@ -77,7 +80,11 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             top_p: args.top_p,
             seed: args.seed,
         },
-        stop_token_ids: if args.ignore_eos { Vec::new() } else { model.info().eos_token_ids.clone() },
+        stop_token_ids: if args.ignore_eos {
+            Vec::new()
+        } else {
+            model.info().eos_token_ids.clone()
+        },
         top_logprobs: args.top_logprobs,
         echo: args.echo,
     };

@@ -3,7 +3,7 @@
 mod generate;
 mod inspect;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -28,9 +28,7 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -47,7 +45,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// Model directory argument shared by subcommands.
-pub(crate) fn model_dir(path: &PathBuf) -> anyhow::Result<PathBuf> {
+pub(crate) fn model_dir(path: &Path) -> anyhow::Result<PathBuf> {
     anyhow::ensure!(path.is_dir(), "model directory {} does not exist", path.display());
-    Ok(path.clone())
+    Ok(path.to_path_buf())
 }

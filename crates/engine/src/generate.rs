@@ -64,7 +64,11 @@ pub fn generate(
         return Err(EngineError::InvalidRequest("the prompt has no tokens".into()));
     }
     let context = info.max_position_embeddings;
-    if prompt.len() + request.max_tokens > context {
+    if prompt
+        .len()
+        .checked_add(request.max_tokens)
+        .is_none_or(|total| total > context)
+    {
         return Err(EngineError::InvalidRequest(format!(
             "prompt of {} tokens plus max_tokens {} exceeds the model's context of {context} tokens",
             prompt.len(),
@@ -84,7 +88,11 @@ pub fn generate(
         tokens: prompt,
         start_pos: 0,
         block_table: &block_table,
-        logits: if request.echo { LogitsWanted::All } else { LogitsWanted::Last },
+        logits: if request.echo {
+            LogitsWanted::All
+        } else {
+            LogitsWanted::Last
+        },
     };
     model.forward(&Batch::single(prefill), &mut cache, &mut logits)?;
     let prompt_logprobs = request.echo.then(|| {

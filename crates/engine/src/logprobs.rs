@@ -20,7 +20,11 @@ pub fn log_softmax(logits: &[f32], out: &mut Vec<f32>) {
         .map(|&v| ((v - max) as f64).exp())
         .sum();
     let lse = max + sum.ln() as f32;
-    out.extend(logits.iter().map(|&v| if v.is_nan() { f32::NEG_INFINITY } else { v - lse }));
+    out.extend(
+        logits
+            .iter()
+            .map(|&v| if v.is_nan() { f32::NEG_INFINITY } else { v - lse }),
+    );
 }
 
 /// The `k` most likely tokens, best first; ties go to the lower id.

@@ -84,7 +84,8 @@ impl Sampler {
             return argmax(logits);
         }
         // Best first; ties by id so the order (and so the draw) is reproducible.
-        self.candidates.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        self.candidates
+            .sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if self.params.top_k > 0 {
             self.candidates.truncate(self.params.top_k);
         }

@@ -8,6 +8,11 @@ use serde_json::Value;
 
 use crate::error::{ModelError, Result};
 
+/// Largest width, count or context accepted from a config (2^24; real models stay far below).
+pub const MAX_DIMENSION: usize = 1 << 24;
+/// Largest layer count accepted from a config.
+pub const MAX_LAYERS: usize = 1 << 16;
+
 /// A HuggingFace-style model directory (or a lone `config.json` for config-only tools).
 #[derive(Clone, Debug)]
 pub struct ModelDir {
@@ -86,6 +91,23 @@ impl ModelDir {
             path: self.config_path.clone(),
             message: message.into(),
         }
+    }
+
+    /// Rejects sizes no real model has, before anything is allocated or multiplied from them.
+    pub fn check_limits(&self, fields: &[(&str, usize)]) -> Result<()> {
+        for &(key, value) in fields {
+            let limit = if key == "num_hidden_layers" {
+                MAX_LAYERS
+            } else {
+                MAX_DIMENSION
+            };
+            if value > limit {
+                return Err(self.error(format!(
+                    "config key `{key}` = {value} is beyond any supported model (at most {limit})"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Deserialises the config into an architecture's typed config; missing or mistyped keys are

@@ -28,7 +28,7 @@ pub enum ModelError {
         supported: String,
     },
     #[error(
-        "{path}: pickle checkpoints (.bin/.pt/.pth) are never loaded, since unpickling runs code from the file; \
+        "{path}: pickle checkpoints (.bin/.pt/.pth/.ckpt) are never loaded, since unpickling runs code from the file; \
          convert the model to safetensors first"
     )]
     PickleRefused { path: PathBuf },

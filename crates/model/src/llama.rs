@@ -55,8 +55,21 @@ impl LlamaConfig {
     }
 
     fn check(&self, dir: &ModelDir) -> Result<()> {
+        dir.check_limits(&[
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.kv_heads()),
+            ("head_dim", self.head_dim()),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ])?;
         let fail = |m: String| Err(dir.error(m));
-        if self.num_attention_heads == 0 || self.kv_heads() == 0 || !self.num_attention_heads.is_multiple_of(self.kv_heads()) {
+        if self.num_attention_heads == 0
+            || self.kv_heads() == 0
+            || !self.num_attention_heads.is_multiple_of(self.kv_heads())
+        {
             return fail(format!(
                 "num_attention_heads ({}) must be a positive multiple of num_key_value_heads ({})",
                 self.num_attention_heads,
@@ -145,7 +158,7 @@ pub fn load(dir: &ModelDir, backend: Arc<dyn Backend>) -> Result<Box<dyn CausalL
             Ok(None)
         }
     };
-    let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+    let mut layers = Vec::new();
     for i in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{i}");
         let attn = Attention {
@@ -286,11 +299,12 @@ pub fn summarize(dir: &ModelDir) -> Result<ModelSummary> {
     let cfg: LlamaConfig = dir.parse()?;
     cfg.check(dir)?;
     let is_qwen2 = dir.architecture()? == "Qwen2ForCausalLM";
+    // u128: the limits above keep every product far inside it.
     let (h, hd, nh, nkv) = (
-        cfg.hidden_size as u64,
-        cfg.head_dim() as u64,
-        cfg.num_attention_heads as u64,
-        cfg.kv_heads() as u64,
+        cfg.hidden_size as u128,
+        cfg.head_dim() as u128,
+        cfg.num_attention_heads as u128,
+        cfg.kv_heads() as u128,
     );
     let mut attn = h * nh * hd * 2 + h * nkv * hd * 2;
     if is_qwen2 || cfg.attention_bias {
@@ -299,21 +313,28 @@ pub fn summarize(dir: &ModelDir) -> Result<ModelSummary> {
     if cfg.attention_bias {
         attn += h;
     }
-    let mlp = 3 * h * cfg.intermediate_size as u64;
+    let mlp = 3 * h * cfg.intermediate_size as u128;
     let per_layer = attn + mlp + 2 * h;
-    let embed = cfg.vocab_size as u64 * h;
-    let head = if cfg.tie_word_embeddings { 0 } else { embed };
-    let total = per_layer * cfg.num_hidden_layers as u64 + embed + head + h;
+    let embed = cfg.vocab_size as u128 * h;
+    let layers = per_layer * cfg.num_hidden_layers as u128 + h;
+    // Same convention as DeepSeek: the input embedding is a row lookup, not active weights.
+    let (total, active) = if cfg.tie_word_embeddings {
+        (layers + embed, layers + embed)
+    } else {
+        (layers + 2 * embed, layers + embed)
+    };
+    let count = |n: u128| u64::try_from(n).map_err(|_| dir.error("parameter count overflows 64 bits"));
+    let kv = 2 * nkv * hd * cfg.num_hidden_layers as u128;
     Ok(ModelSummary {
         architecture: dir.architecture()?,
         num_layers: cfg.num_hidden_layers,
         hidden_size: cfg.hidden_size,
         vocab_size: cfg.vocab_size,
         max_position_embeddings: cfg.max_position_embeddings,
-        params_total: total,
-        params_active: total,
+        params_total: count(total)?,
+        params_active: count(active)?,
         params_mtp: 0,
-        kv_elements_per_token: 2 * nkv * hd * cfg.num_hidden_layers as u64,
+        kv_elements_per_token: count(kv)?,
         attention: format!(
             "{} ({} heads, {} kv heads, head_dim {})",
             if nkv == 1 {

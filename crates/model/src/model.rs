@@ -84,16 +84,16 @@ impl<'a> Batch<'a> {
                 info.vocab_size
             )));
         }
-        if let Some(s) = self
-            .seqs
-            .iter()
-            .find(|s| s.start_pos + s.tokens.len() > info.max_position_embeddings)
-        {
-            return Err(ModelError::Batch(format!(
-                "positions up to {} exceed the model's context of {} tokens",
-                s.start_pos + s.tokens.len(),
-                info.max_position_embeddings
-            )));
+        for s in &self.seqs {
+            let end = s.start_pos.checked_add(s.tokens.len());
+            if end.is_none_or(|end| end > info.max_position_embeddings) {
+                return Err(ModelError::Batch(format!(
+                    "positions from {} for {} tokens exceed the model's context of {} tokens",
+                    s.start_pos,
+                    s.tokens.len(),
+                    info.max_position_embeddings
+                )));
+            }
         }
         if cache.num_layers() != kv_widths.len() || (0..kv_widths.len()).any(|l| cache.width(l) != kv_widths[l]) {
             return Err(ModelError::Batch(

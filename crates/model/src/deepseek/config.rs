@@ -216,6 +216,19 @@ fn resolve(raw: RawConfig, variant: Variant, dir: &ModelDir) -> Result<DeepseekC
     if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
         return fail(format!("`{key}` must be positive"));
     }
+    let optional = |v: Option<usize>| v.unwrap_or(0);
+    dir.check_limits(&positive)?;
+    dir.check_limits(&[
+        ("intermediate_size", raw.intermediate_size),
+        ("max_position_embeddings", optional(raw.max_position_embeddings)),
+        ("moe_intermediate_size", optional(raw.moe_intermediate_size)),
+        ("n_routed_experts", optional(raw.n_routed_experts)),
+        ("num_experts_per_tok", optional(raw.num_experts_per_tok)),
+        ("q_lora_rank", optional(raw.q_lora_rank)),
+        ("n_shared_experts", optional(raw.n_shared_experts)),
+        ("n_group", optional(raw.n_group)),
+        ("num_hidden_layers", optional(raw.num_nextn_predict_layers)),
+    ])?;
     if !raw.qk_rope_head_dim.is_multiple_of(2) {
         return fail(format!(
             "`qk_rope_head_dim` ({}) must be even for rope",

@@ -222,7 +222,9 @@ impl CausalLm for Deepseek {
 
 pub fn summarize(dir: &ModelDir) -> Result<ModelSummary> {
     let cfg = DeepseekConfig::from_dir(dir)?;
-    let (params_total, params_active, params_mtp) = summary::parameter_counts(&cfg);
+    let (total, active, mtp) = summary::parameter_counts(&cfg);
+    let count = |n: u128| u64::try_from(n).map_err(|_| dir.error("parameter count overflows 64 bits"));
+    let (params_total, params_active, params_mtp) = (count(total)?, count(active)?, count(mtp)?);
     Ok(ModelSummary {
         architecture: dir.architecture()?,
         num_layers: cfg.num_hidden_layers,

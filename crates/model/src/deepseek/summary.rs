@@ -17,58 +17,59 @@ use super::config::DeepseekConfig;
 use crate::model::MoeShape;
 
 /// Parameters of one attention block (with its `q_a` / `kv_a` norms).
-fn attention(cfg: &DeepseekConfig) -> u64 {
-    let h = cfg.hidden_size as u64;
-    let heads = cfg.num_heads as u64;
+fn attention(cfg: &DeepseekConfig) -> u128 {
+    let h = cfg.hidden_size as u128;
+    let heads = cfg.num_heads as u128;
     let (qk, v, r, rope) = (
-        cfg.qk_head_dim() as u64,
-        cfg.v_head_dim as u64,
-        cfg.kv_lora_rank as u64,
-        cfg.qk_rope_head_dim as u64,
+        cfg.qk_head_dim() as u128,
+        cfg.v_head_dim as u128,
+        cfg.kv_lora_rank as u128,
+        cfg.qk_rope_head_dim as u128,
     );
     let q = match cfg.q_lora_rank {
         Some(ql) => {
-            let ql = ql as u64;
+            let ql = ql as u128;
             h * ql + ql + ql * heads * qk
         }
         None => h * heads * qk,
     };
-    let kv = h * (r + rope) + r + r * heads * (cfg.qk_nope_head_dim as u64 + v);
+    let kv = h * (r + rope) + r + r * heads * (cfg.qk_nope_head_dim as u128 + v);
     q + kv + heads * v * h
 }
 
 /// Parameters of layer `layer`'s feed-forward block; `active` counts only `top_k` routed experts.
-fn feed_forward(cfg: &DeepseekConfig, layer: usize, active: bool) -> u64 {
-    let h = cfg.hidden_size as u64;
+fn feed_forward(cfg: &DeepseekConfig, layer: usize, active: bool) -> u128 {
+    let h = cfg.hidden_size as u128;
     match &cfg.moe {
         Some(moe) if cfg.is_moe_layer(layer) => {
             let r = &moe.routing;
-            let expert = 3 * h * moe.moe_intermediate_size as u64;
-            let routed = if active { r.top_k } else { r.n_experts } as u64;
-            let router = r.n_experts as u64 * h
+            let expert = 3 * h * moe.moe_intermediate_size as u128;
+            let routed = if active { r.top_k } else { r.n_experts } as u128;
+            let router = r.n_experts as u128 * h
                 + if r.method == super::config::TopkMethod::NoauxTc {
-                    r.n_experts as u64
+                    r.n_experts as u128
                 } else {
                     0
                 };
-            router + moe.n_shared_experts as u64 * expert + routed * expert
+            router + moe.n_shared_experts as u128 * expert + routed * expert
         }
-        _ => 3 * h * cfg.intermediate_size as u64,
+        _ => 3 * h * cfg.intermediate_size as u128,
     }
 }
 
-fn layer(cfg: &DeepseekConfig, index: usize, active: bool) -> u64 {
-    attention(cfg) + feed_forward(cfg, index, active) + 2 * cfg.hidden_size as u64
+fn layer(cfg: &DeepseekConfig, index: usize, active: bool) -> u128 {
+    attention(cfg) + feed_forward(cfg, index, active) + 2 * cfg.hidden_size as u128
 }
 
-/// `(total, active, mtp)` as defined in the module doc.
-pub fn parameter_counts(cfg: &DeepseekConfig) -> (u64, u64, u64) {
-    let h = cfg.hidden_size as u64;
-    let table = cfg.vocab_size as u64 * h;
+/// `(total, active, mtp)` as defined in the module doc, in u128: the config limits keep every
+/// product far inside it, and the caller narrows to u64 with an error.
+pub fn parameter_counts(cfg: &DeepseekConfig) -> (u128, u128, u128) {
+    let h = cfg.hidden_size as u128;
+    let table = cfg.vocab_size as u128 * h;
     let layers = 0..cfg.num_hidden_layers;
     let head = if cfg.tie_word_embeddings { 0 } else { table };
-    let total = table + head + h + layers.clone().map(|i| layer(cfg, i, false)).sum::<u64>();
-    let active = table + h + layers.map(|i| layer(cfg, i, true)).sum::<u64>();
+    let total = table + head + h + layers.clone().map(|i| layer(cfg, i, false)).sum::<u128>();
+    let active = table + h + layers.map(|i| layer(cfg, i, true)).sum::<u128>();
     let mtp = (cfg.num_hidden_layers..cfg.num_hidden_layers + cfg.num_nextn_predict_layers)
         .map(|i| layer(cfg, i, false) + 3 * h + 2 * h * h + 2 * table)
         .sum();

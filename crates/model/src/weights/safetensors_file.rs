@@ -79,9 +79,13 @@ impl MappedFile {
 fn describe(error: &SafeTensorError, bytes: &[u8]) -> String {
     let file_len = bytes.len();
     match error {
-        SafeTensorError::HeaderTooSmall => format!("file of {file_len} bytes is too short to hold the 8-byte header length"),
+        SafeTensorError::HeaderTooSmall => {
+            format!("file of {file_len} bytes is too short to hold the 8-byte header length")
+        }
         SafeTensorError::InvalidHeaderLength => {
-            format!("header length field points past the end of the file ({file_len} bytes): truncated or not safetensors")
+            format!(
+                "header length field points past the end of the file ({file_len} bytes): truncated or not safetensors"
+            )
         }
         SafeTensorError::HeaderTooLarge => {
             "header length field is larger than the 100 MB safetensors allows: corrupt or not safetensors".into()
