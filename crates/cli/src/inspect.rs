@@ -63,13 +63,20 @@ fn render(s: &ModelSummary) -> String {
     line("parameters", format!("{} total", billions(s.params_total)));
     line("active per token", billions(s.params_active));
     if s.params_mtp > 0 {
-        line("MTP layers", format!("{} (recognised, not run)", billions(s.params_mtp)));
+        line(
+            "MTP layers",
+            format!("{} (recognised, not run)", billions(s.params_mtp)),
+        );
     }
     line("attention", s.attention.clone());
     let elements = s.kv_elements_per_token;
     line(
         "KV cache per token",
-        format!("{elements} values = {} in BF16, {} in F32", kib(elements * 2), kib(elements * 4)),
+        format!(
+            "{elements} values = {} in BF16, {} in F32",
+            kib(elements * 2),
+            kib(elements * 4)
+        ),
     );
     if let Some(m) = &s.moe {
         line(
@@ -82,7 +89,10 @@ fn render(s: &ModelSummary) -> String {
         line("MoE layers", format!("{} MoE + {} dense", m.moe_layers, m.dense_layers));
         line(
             "routing",
-            format!("{} scores, {} ({} groups, keep {})", m.scoring, m.topk_method, m.n_group, m.topk_group),
+            format!(
+                "{} scores, {} ({} groups, keep {})",
+                m.scoring, m.topk_method, m.n_group, m.topk_group
+            ),
         );
     }
     if !s.weight_dtypes.is_empty() {

@@ -1,5 +1,6 @@
 //! `r1serve`: run DeepSeek-R1-family models.
 
+mod bench;
 mod generate;
 mod inspect;
 
@@ -24,6 +25,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Describe a model from its config (and weights, if given).
     Inspect(inspect::InspectArgs),
+    /// Measure prompt-processing and decode speed against the memory roofline.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -41,6 +44,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }
 

@@ -11,4 +11,4 @@ pub mod weights;
 pub use config::ModelDir;
 pub use error::{ModelError, Result};
 pub use model::{Batch, CausalLm, LogitsWanted, ModelInfo, ModelSummary, SeqInput};
-pub use registry::{load_model, summarize, ARCHITECTURES};
+pub use registry::{load_model, load_model_with, summarize, LoadFormat, LoadOptions, ARCHITECTURES};

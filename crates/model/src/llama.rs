@@ -144,11 +144,10 @@ pub struct Llama {
     scratch: Mutex<Scratch>,
 }
 
-pub fn load(dir: &ModelDir, backend: Arc<dyn Backend>) -> Result<Box<dyn CausalLm>> {
+pub fn load(dir: &ModelDir, store: &WeightStore, backend: Arc<dyn Backend>) -> Result<Box<dyn CausalLm>> {
     let cfg: LlamaConfig = dir.parse()?;
     cfg.check(dir)?;
     let is_qwen2 = dir.architecture()? == "Qwen2ForCausalLM";
-    let store = WeightStore::open(&dir.dir, dir.fp8_block_size()?)?;
     let (h, hd, nh, nkv) = (cfg.hidden_size, cfg.head_dim(), cfg.num_attention_heads, cfg.kv_heads());
     let qkv_bias = is_qwen2 || cfg.attention_bias;
     let optional_bias = |name: String, len: usize, present: bool| -> Result<Option<Vec<f32>>> {
@@ -217,6 +216,29 @@ impl CausalLm for Llama {
 
     fn kv_entry_widths(&self) -> Vec<usize> {
         vec![self.layout.entry_width(); self.cfg.num_hidden_layers]
+    }
+
+    fn weight_bytes_per_token(&self) -> u64 {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                let a = &l.attn;
+                [&a.q, &a.k, &a.v, &a.o, &l.gate, &l.up, &l.down]
+                    .iter()
+                    .map(|m| m.stored_bytes())
+                    .sum::<usize>()
+            })
+            .sum();
+        let embedding_row = self.embed.stored_bytes() / self.embed.rows().max(1);
+        (layers + self.lm_head.stored_bytes() + embedding_row) as u64
+    }
+
+    fn weight_format(&self) -> &'static str {
+        self.layers
+            .first()
+            .map_or(self.lm_head.format(), |l| l.down.format())
+            .name()
     }
 
     fn forward(&self, batch: &Batch, cache: &mut PagedKvCache, logits: &mut Vec<f32>) -> Result<()> {

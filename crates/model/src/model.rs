@@ -124,6 +124,13 @@ pub trait CausalLm: Send + Sync {
     /// Floats per token per layer in the KV cache (MLA: latent + rope part).
     fn kv_entry_widths(&self) -> Vec<usize>;
 
+    /// Weight bytes one decoded token reads: every matrix it multiplies by (for MoE, only the
+    /// experts it is routed to) plus one embedding row. The decode roofline is bandwidth / this.
+    fn weight_bytes_per_token(&self) -> u64;
+
+    /// The format of the bulk of the weights, as `bench` reports it (e.g. `BF16`).
+    fn weight_format(&self) -> &'static str;
+
     /// Runs `batch`: stores its tokens' KV entries in `cache` and overwrites `logits` with
     /// `[batch.num_logit_rows(), vocab]` rows, in sequence order.
     fn forward(&self, batch: &Batch, cache: &mut PagedKvCache, logits: &mut Vec<f32>) -> Result<()>;

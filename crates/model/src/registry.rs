@@ -3,16 +3,31 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use r1serve_kernels::Backend;
+use r1serve_kernels::{Backend, WeightFormat};
 
 use crate::config::ModelDir;
 use crate::error::{ModelError, Result};
 use crate::model::{CausalLm, ModelSummary};
-use crate::weights::WeightStore;
+use crate::weights::{DummyWeights, WeightStore};
 use crate::{deepseek, llama};
 
-/// Builds a runnable model from a directory.
-pub type LoadFn = fn(&ModelDir, Arc<dyn Backend>) -> Result<Box<dyn CausalLm>>;
+/// Builds a runnable model from its config and weights.
+pub type LoadFn = fn(&ModelDir, &WeightStore, Arc<dyn Backend>) -> Result<Box<dyn CausalLm>>;
+
+/// Where the weights come from.
+#[derive(Clone, Debug, Default)]
+pub enum LoadFormat {
+    /// The model directory's safetensors files.
+    #[default]
+    Auto,
+    /// Random weights of the right shapes and formats (benchmarks without the files).
+    Dummy { seed: u64 },
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    pub format: LoadFormat,
+}
 
 /// An architecture as named in `config.json`'s `architectures`.
 pub struct Architecture {
@@ -58,10 +73,47 @@ fn find(model_dir: &ModelDir) -> Result<&'static Architecture> {
 
 /// Loads the model in `dir` onto `backend`.
 pub fn load_model(dir: impl AsRef<Path>, backend: Arc<dyn Backend>) -> Result<Box<dyn CausalLm>> {
-    let model_dir = ModelDir::open(dir)?;
-    let arch = find(&model_dir)?;
-    tracing::info!(architecture = arch.name, dir = %model_dir.dir.display(), "loading model");
-    (arch.load)(&model_dir, backend)
+    load_model_with(&ModelDir::open(dir)?, &LoadOptions::default(), backend)
+}
+
+/// Loads a model with explicit options (dummy weights, ...).
+pub fn load_model_with(
+    model_dir: &ModelDir,
+    options: &LoadOptions,
+    backend: Arc<dyn Backend>,
+) -> Result<Box<dyn CausalLm>> {
+    let arch = find(model_dir)?;
+    let fp8_block = model_dir.fp8_block_size()?;
+    let store = match options.format {
+        LoadFormat::Auto => WeightStore::open(&model_dir.dir, fp8_block)?,
+        LoadFormat::Dummy { seed } => WeightStore::dummy(&model_dir.dir, dummy_weights(model_dir, seed, fp8_block)),
+    };
+    tracing::info!(architecture = arch.name, dir = %model_dir.dir.display(), dummy = store.is_dummy(), "loading model");
+    (arch.load)(model_dir, &store, backend)
+}
+
+fn dummy_weights(model_dir: &ModelDir, seed: u64, fp8_block: Option<(usize, usize)>) -> DummyWeights {
+    let config = &model_dir.config;
+    let dtype = config
+        .get("torch_dtype")
+        .or_else(|| config.get("dtype"))
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or("bfloat16");
+    let tied = config.get("tie_word_embeddings").and_then(serde_json::Value::as_bool) == Some(true);
+    DummyWeights {
+        seed,
+        dense_format: match dtype {
+            "float32" => WeightFormat::F32,
+            "float16" => WeightFormat::F16,
+            _ => WeightFormat::Bf16,
+        },
+        fp8_block,
+        absent: if tied {
+            vec!["lm_head.weight".to_owned()]
+        } else {
+            Vec::new()
+        },
+    }
 }
 
 /// The model's shape from its config; with `with_weights`, the dtype mix of its files too.

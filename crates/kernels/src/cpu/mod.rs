@@ -1,6 +1,7 @@
 //! The CPU backend: rayon's global pool for threads, scalar kernels over the stored formats.
 
 mod attention;
+pub mod bandwidth;
 pub mod dot;
 mod elementwise;
 mod matmul;

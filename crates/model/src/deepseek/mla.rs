@@ -96,6 +96,21 @@ pub struct MlaScratch {
 }
 
 impl Mla {
+    /// The format the layer's projections are stored in.
+    pub fn output_format(&self) -> r1serve_kernels::WeightFormat {
+        self.o.format()
+    }
+
+    /// Weight bytes one token's attention reads (the absorbed per-head matrices as kept, f32).
+    pub fn bytes_per_token(&self) -> usize {
+        let q = match &self.q {
+            QueryProj::LowRank { a, b, .. } => a.stored_bytes() + b.stored_bytes(),
+            QueryProj::Full(q) => q.stored_bytes(),
+        };
+        let absorbed: usize = self.uk_t.iter().chain(&self.uv).map(WeightMatrix::stored_bytes).sum();
+        q + self.kv_a.stored_bytes() + absorbed + self.o.stored_bytes()
+    }
+
     /// Loads layer `prefix` (`model.layers.{i}`); every shape is checked.
     pub fn load(store: &WeightStore, prefix: &str, shape: &MlaShape, hidden: usize) -> Result<Self> {
         let p = format!("{prefix}.self_attn");

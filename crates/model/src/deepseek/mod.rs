@@ -90,22 +90,21 @@ fn layer_index(name: &str) -> Option<usize> {
     name.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()
 }
 
-pub fn load(dir: &ModelDir, backend: Arc<dyn Backend>) -> Result<Box<dyn CausalLm>> {
+pub fn load(dir: &ModelDir, store: &WeightStore, backend: Arc<dyn Backend>) -> Result<Box<dyn CausalLm>> {
     let cfg = DeepseekConfig::from_dir(dir)?;
     let (theta, scaling) = dir.rope()?;
-    let store = WeightStore::open(&dir.dir, dir.fp8_block_size()?)?;
     let h = cfg.hidden_size;
     let shape = MlaShape::new(&cfg);
-    let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+    let mut layers = Vec::new();
     for i in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{i}");
         let ffn = match &cfg.moe {
-            Some(moe) if cfg.is_moe_layer(i) => FeedForward::Moe(Moe::load(&store, &p, moe, h)?),
-            _ => FeedForward::Dense(Mlp::load(&store, &format!("{p}.mlp"), h, cfg.intermediate_size)?),
+            Some(moe) if cfg.is_moe_layer(i) => FeedForward::Moe(Moe::load(store, &p, moe, h)?),
+            _ => FeedForward::Dense(Mlp::load(store, &format!("{p}.mlp"), h, cfg.intermediate_size)?),
         };
         layers.push(Layer {
             input_norm: store.vector(&format!("{p}.input_layernorm.weight"), h)?,
-            attn: Mla::load(&store, &p, &shape, h)?,
+            attn: Mla::load(store, &p, &shape, h)?,
             post_norm: store.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
             ffn,
         });
@@ -159,6 +158,29 @@ pub fn load(dir: &ModelDir, backend: Arc<dyn Backend>) -> Result<Box<dyn CausalL
 impl CausalLm for Deepseek {
     fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    fn weight_bytes_per_token(&self) -> u64 {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.attn.bytes_per_token()
+                    + match &l.ffn {
+                        FeedForward::Dense(mlp) => mlp.bytes_per_token(),
+                        FeedForward::Moe(moe) => moe.bytes_per_token(),
+                    }
+            })
+            .sum();
+        let embedding_row = self.embed.stored_bytes() / self.embed.rows().max(1);
+        (layers + self.lm_head.stored_bytes() + embedding_row) as u64
+    }
+
+    fn weight_format(&self) -> &'static str {
+        self.layers
+            .first()
+            .map_or(self.lm_head.format(), |l| l.attn.output_format())
+            .name()
     }
 
     fn kv_entry_widths(&self) -> Vec<usize> {

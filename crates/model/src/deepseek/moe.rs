@@ -28,6 +28,10 @@ pub struct MlpScratch {
 }
 
 impl Mlp {
+    pub fn bytes_per_token(&self) -> usize {
+        self.gate.stored_bytes() + self.up.stored_bytes() + self.down.stored_bytes()
+    }
+
     /// Loads `{prefix}.{gate,up,down}_proj.weight`.
     pub fn load(store: &WeightStore, prefix: &str, hidden: usize, intermediate: usize) -> Result<Self> {
         Ok(Self {
@@ -80,6 +84,12 @@ pub struct MoeScratch {
 }
 
 impl Moe {
+    /// Router, shared experts and `top_k` routed experts (all experts are the same size).
+    pub fn bytes_per_token(&self) -> usize {
+        let expert = self.experts.first().map_or(0, Mlp::bytes_per_token);
+        self.router.stored_bytes() + self.shared.as_ref().map_or(0, Mlp::bytes_per_token) + self.routing.top_k * expert
+    }
+
     pub fn load(store: &WeightStore, prefix: &str, moe: &MoeConfig, hidden: usize) -> Result<Self> {
         let routing = moe.routing.clone();
         let p = format!("{prefix}.mlp");

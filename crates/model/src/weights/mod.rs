@@ -1,7 +1,10 @@
 //! The weights of a model directory: safetensors files (single or sharded), memory-mapped, looked
 //! up by name with their shapes checked against what the architecture expects.
 
+mod dummy;
 mod safetensors_file;
+
+pub use dummy::DummyWeights;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -21,9 +24,26 @@ pub struct WeightStore {
     files: Vec<MappedFile>,
     tensors: HashMap<String, TensorEntry>,
     fp8_block: Option<(usize, usize)>,
+    /// Random weights instead of files (`--load-format dummy`).
+    dummy: Option<DummyWeights>,
 }
 
 impl WeightStore {
+    /// Random weights generated on request, named and shaped as the architecture asks.
+    pub fn dummy(dir: &Path, weights: DummyWeights) -> Self {
+        Self {
+            dir: dir.to_owned(),
+            files: Vec::new(),
+            tensors: HashMap::new(),
+            fp8_block: weights.fp8_block,
+            dummy: Some(weights),
+        }
+    }
+
+    pub fn is_dummy(&self) -> bool {
+        self.dummy.is_some()
+    }
+
     /// Opens `model.safetensors`, or every shard named by `model.safetensors.index.json`.
     /// `fp8_block` is the config's FP8 block size, needed to read `F8_E4M3` weights.
     pub fn open(dir: &Path, fp8_block: Option<(usize, usize)>) -> Result<Self> {
@@ -34,6 +54,7 @@ impl WeightStore {
             files: Vec::new(),
             tensors: HashMap::new(),
             fp8_block,
+            dummy: None,
         };
         if index_path.exists() {
             store.open_sharded(&index_path)?;
@@ -103,6 +124,9 @@ impl WeightStore {
     }
 
     pub fn contains(&self, name: &str) -> bool {
+        if let Some(dummy) = &self.dummy {
+            return dummy.contains(name);
+        }
         self.tensors.contains_key(name)
     }
 
@@ -145,6 +169,13 @@ impl WeightStore {
 
     /// A `[rows, cols]` weight kept in its stored format (FP8 with its `_scale_inv` blocks).
     pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<WeightMatrix> {
+        if let Some(dummy) = &self.dummy {
+            return dummy.matrix(name, rows, cols).map_err(|source| ModelError::Weight {
+                name: name.to_owned(),
+                path: self.dir.clone(),
+                source,
+            });
+        }
         let entry = self.entry(name)?;
         self.check_shape(name, entry, &[rows, cols])?;
         let path = self.path_of(entry);
@@ -195,6 +226,9 @@ impl WeightStore {
 
     /// Any float tensor of the given shape, decoded to f32 and flattened.
     pub fn vector_shaped(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        if let Some(dummy) = &self.dummy {
+            return Ok(dummy.vector(name, shape.iter().product()));
+        }
         let entry = self.entry(name)?;
         self.check_shape(name, entry, shape)?;
         let path = self.path_of(entry);

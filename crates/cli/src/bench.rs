@@ -1,0 +1,210 @@
+//! `r1serve bench`: prompt-processing and decode speed, in the spirit of `llama-bench`, reported
+//! against the machine's measured read bandwidth (the decode roofline).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use r1serve_kernels::cpu::bandwidth::measure_read_bandwidth;
+use r1serve_kernels::{CpuBackend, PagedKvCache};
+use r1serve_model::{load_model_with, Batch, CausalLm, LoadFormat, LoadOptions, LogitsWanted, ModelDir, SeqInput};
+use serde::Serialize;
+
+const BLOCK_SIZE: usize = 16;
+/// Large enough to defeat the caches of any CPU this runs on.
+const BANDWIDTH_BUFFER_BYTES: usize = 1 << 30;
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum LoadFormatArg {
+    /// Read the weights from the model directory.
+    Auto,
+    /// Random weights of the right shapes and formats (no files needed).
+    Dummy,
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Model directory.
+    #[arg(long, conflicts_with = "config")]
+    model: Option<PathBuf>,
+    /// A config.json alone (use with `--load-format dummy`).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = LoadFormatArg::Auto)]
+    load_format: LoadFormatArg,
+    /// Prompt tokens processed in one batch (pp).
+    #[arg(short = 'p', long = "n-prompt", default_value_t = 64)]
+    n_prompt: usize,
+    /// Tokens decoded one at a time (tg).
+    #[arg(short = 'n', long = "n-gen", default_value_t = 32)]
+    n_gen: usize,
+    #[arg(long, default_value_t = 5)]
+    repetitions: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct Report {
+    model: String,
+    architecture: String,
+    weight_format: String,
+    threads: usize,
+    n_prompt: usize,
+    n_gen: usize,
+    repetitions: usize,
+    pp_tps: f64,
+    pp_tps_min: f64,
+    pp_tps_max: f64,
+    tg_tps: f64,
+    tg_tps_min: f64,
+    tg_tps_max: f64,
+    bytes_per_token: u64,
+    read_bandwidth_gbs: f64,
+    roofline_tps: f64,
+    roofline_fraction: f64,
+}
+
+fn median(mut xs: Vec<f64>) -> (f64, f64, f64) {
+    xs.sort_by(f64::total_cmp);
+    let mid = if xs.len() % 2 == 1 {
+        xs[xs.len() / 2]
+    } else {
+        (xs[xs.len() / 2 - 1] + xs[xs.len() / 2]) / 2.0
+    };
+    (mid, xs[0], xs[xs.len() - 1])
+}
+
+/// Deterministic token ids spread over the vocabulary (content does not change the cost).
+fn prompt_ids(n: usize, vocab: usize) -> Vec<u32> {
+    (0..n).map(|i| ((i * 7919 + 13) % vocab) as u32).collect()
+}
+
+fn time_prefill(model: &dyn CausalLm, n: usize) -> anyhow::Result<f64> {
+    let blocks = n.div_ceil(BLOCK_SIZE);
+    let mut cache = PagedKvCache::new(BLOCK_SIZE, blocks, &model.kv_entry_widths());
+    let table: Vec<u32> = (0..blocks as u32).collect();
+    let tokens = prompt_ids(n, model.info().vocab_size);
+    let mut logits = Vec::new();
+    let start = Instant::now();
+    let seq = SeqInput {
+        tokens: &tokens,
+        start_pos: 0,
+        block_table: &table,
+        logits: LogitsWanted::Last,
+    };
+    model.forward(&Batch::single(seq), &mut cache, &mut logits)?;
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+fn time_decode(model: &dyn CausalLm, n: usize) -> anyhow::Result<f64> {
+    let blocks = n.div_ceil(BLOCK_SIZE).max(1);
+    let mut cache = PagedKvCache::new(BLOCK_SIZE, blocks, &model.kv_entry_widths());
+    let table: Vec<u32> = (0..blocks as u32).collect();
+    let tokens = prompt_ids(n, model.info().vocab_size);
+    let mut logits = Vec::new();
+    let start = Instant::now();
+    for (pos, token) in tokens.iter().enumerate() {
+        let seq = SeqInput {
+            tokens: std::slice::from_ref(token),
+            start_pos: pos,
+            block_table: &table,
+            logits: LogitsWanted::Last,
+        };
+        model.forward(&Batch::single(seq), &mut cache, &mut logits)?;
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let (dir, name) = match (&args.model, &args.config) {
+        (Some(model), _) => (ModelDir::open(crate::model_dir(model)?)?, model.display().to_string()),
+        (None, Some(config)) => {
+            if !matches!(args.load_format, LoadFormatArg::Dummy) {
+                bail!("--config has no weights: add --load-format dummy");
+            }
+            (ModelDir::from_config_file(config)?, config.display().to_string())
+        }
+        (None, None) => bail!("give --model DIR or --config config.json --load-format dummy"),
+    };
+    if args.n_prompt == 0 || args.n_gen == 0 || args.repetitions == 0 {
+        bail!("-p, -n and --repetitions must be at least 1");
+    }
+    let options = LoadOptions {
+        format: match args.load_format {
+            LoadFormatArg::Auto => LoadFormat::Auto,
+            LoadFormatArg::Dummy => LoadFormat::Dummy { seed: 0 },
+        },
+    };
+    let load_start = Instant::now();
+    let model = load_model_with(&dir, &options, Arc::new(CpuBackend)).with_context(|| format!("cannot load {name}"))?;
+    tracing::info!(seconds = load_start.elapsed().as_secs_f64(), "model loaded");
+    let context = model.info().max_position_embeddings;
+    if args.n_prompt > context || args.n_gen > context {
+        bail!(
+            "-p {} / -n {} exceed the model's context of {context} tokens",
+            args.n_prompt,
+            args.n_gen
+        );
+    }
+
+    let read_bandwidth_gbs = measure_read_bandwidth(BANDWIDTH_BUFFER_BYTES, 5);
+    // One untimed pass of each warms the pages of a memory-mapped or freshly generated model.
+    time_prefill(model.as_ref(), args.n_prompt.min(8))?;
+    time_decode(model.as_ref(), 2)?;
+    let mut pp = Vec::new();
+    let mut tg = Vec::new();
+    for _ in 0..args.repetitions {
+        pp.push(time_prefill(model.as_ref(), args.n_prompt)?);
+        tg.push(time_decode(model.as_ref(), args.n_gen)?);
+    }
+    let (pp_tps, pp_tps_min, pp_tps_max) = median(pp);
+    let (tg_tps, tg_tps_min, tg_tps_max) = median(tg);
+    let bytes_per_token = model.weight_bytes_per_token();
+    let roofline_tps = read_bandwidth_gbs * 1e9 / bytes_per_token as f64;
+    let report = Report {
+        model: name,
+        architecture: model.info().architecture.clone(),
+        weight_format: model.weight_format().to_owned(),
+        threads: rayon::current_num_threads(),
+        n_prompt: args.n_prompt,
+        n_gen: args.n_gen,
+        repetitions: args.repetitions,
+        pp_tps,
+        pp_tps_min,
+        pp_tps_max,
+        tg_tps,
+        tg_tps_min,
+        tg_tps_max,
+        bytes_per_token,
+        read_bandwidth_gbs,
+        roofline_tps,
+        roofline_fraction: tg_tps / roofline_tps,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("| model | format | threads | test | tokens/s (median) | min | max |\n|---|---|---|---|---|---|---|");
+        for (test, (m, lo, hi)) in [
+            (format!("pp{}", args.n_prompt), (pp_tps, pp_tps_min, pp_tps_max)),
+            (format!("tg{}", args.n_gen), (tg_tps, tg_tps_min, tg_tps_max)),
+        ] {
+            println!(
+                "| {} | {} | {} | {test} | {m:.2} | {lo:.2} | {hi:.2} |",
+                report.model, report.weight_format, report.threads
+            );
+        }
+        println!(
+            "\nweights read per decoded token: {:.1} MiB; read bandwidth: {:.1} GB/s; roofline: {:.2} tokens/s; \
+             tg at {:.0}% of the roofline",
+            bytes_per_token as f64 / (1 << 20) as f64,
+            read_bandwidth_gbs,
+            roofline_tps,
+            100.0 * report.roofline_fraction
+        );
+    }
+    Ok(())
+}
