@@ -13,16 +13,61 @@ pub enum WeightFormat {
         block_rows: usize,
         block_cols: usize,
     },
+    /// GGUF `Q8_0`: blocks of 32 values, each an f16 scale `d` and 32 × i8; value = q · d.
+    Q8_0,
+    /// GGUF `Q4_0`: blocks of 32 values, an f16 `d` and 16 bytes of nibbles; value = (q − 8) · d.
+    /// Low nibbles hold elements 0..16, high nibbles 16..32.
+    Q4_0,
+    /// GGUF `Q4_K`: super-blocks of 256 values in 8 sub-blocks of 32 with 6-bit scales and mins;
+    /// value = d · sc · q − dmin · m. See [`crate::quant::q4_k`] for the byte layout.
+    Q4K,
+    /// GGUF `Q6_K`: super-blocks of 256 values in 16 groups of 16 with i8 scales and 6-bit
+    /// values; value = d · sc · (q − 32). See [`crate::quant::q6_k`] for the byte layout.
+    Q6K,
 }
 
 impl WeightFormat {
-    /// Bytes per stored element.
+    /// Bytes per stored element for element formats; for block-quantized formats, bytes per
+    /// block (see [`WeightFormat::block_size`]). Prefer [`WeightFormat::row_bytes`].
     pub fn element_bytes(self) -> usize {
+        self.block_bytes()
+    }
+
+    /// Values per block: 1 for element formats (FP8's scale blocks are stored separately),
+    /// 32 for Q8_0 / Q4_0, 256 for the K-quants. A row's length must be a multiple of it.
+    pub fn block_size(self) -> usize {
+        match self {
+            WeightFormat::F32 | WeightFormat::Bf16 | WeightFormat::F16 | WeightFormat::F8E4M3Block { .. } => 1,
+            WeightFormat::Q8_0 | WeightFormat::Q4_0 => crate::quant::QK,
+            WeightFormat::Q4K | WeightFormat::Q6K => crate::quant::QK_K,
+        }
+    }
+
+    /// Bytes per block of [`WeightFormat::block_size`] values.
+    pub fn block_bytes(self) -> usize {
         match self {
             WeightFormat::F32 => 4,
             WeightFormat::Bf16 | WeightFormat::F16 => 2,
             WeightFormat::F8E4M3Block { .. } => 1,
+            WeightFormat::Q8_0 => crate::quant::q8_0::BLOCK_BYTES,
+            WeightFormat::Q4_0 => crate::quant::q4_0::BLOCK_BYTES,
+            WeightFormat::Q4K => crate::quant::q4_k::BLOCK_BYTES,
+            WeightFormat::Q6K => crate::quant::q6_k::BLOCK_BYTES,
         }
+    }
+
+    /// Whether values are stored in blocks of more than one (the GGUF quantized formats).
+    pub fn is_block_quantized(self) -> bool {
+        self.block_size() > 1
+    }
+
+    /// Stored bytes of a row of `cols` values; `None` when `cols` is not a multiple of the block
+    /// size or the size overflows.
+    pub fn row_bytes(self, cols: usize) -> Option<usize> {
+        if !cols.is_multiple_of(self.block_size()) {
+            return None;
+        }
+        (cols / self.block_size()).checked_mul(self.block_bytes())
     }
 
     /// Short name as `inspect` and logs print it.
@@ -32,6 +77,10 @@ impl WeightFormat {
             WeightFormat::Bf16 => "BF16",
             WeightFormat::F16 => "F16",
             WeightFormat::F8E4M3Block { .. } => "F8_E4M3",
+            WeightFormat::Q8_0 => "Q8_0",
+            WeightFormat::Q4_0 => "Q4_0",
+            WeightFormat::Q4K => "Q4_K",
+            WeightFormat::Q6K => "Q6_K",
         }
     }
 }

@@ -59,7 +59,7 @@ impl PagedKvCache {
     /// Checks that every span's positions have a slot in an existing block.
     pub fn validate(&self, spans: &[SeqSpan]) -> Result<(), KvCacheError> {
         for span in spans {
-            let end = span.start_pos.checked_add(span.len).unwrap_or(usize::MAX);
+            let end = span.start_pos.saturating_add(span.len);
             let available = span.block_table.len() * self.block_size;
             if end > available {
                 return Err(KvCacheError::BlockTableTooShort {

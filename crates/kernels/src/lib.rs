@@ -7,6 +7,7 @@ pub mod backend;
 pub mod cpu;
 pub mod dtype;
 pub mod kv_cache;
+pub mod quant;
 pub mod rope;
 pub mod weight;
 
@@ -14,5 +15,6 @@ pub use backend::{AttentionLayout, Backend, SeqSpan};
 pub use cpu::CpuBackend;
 pub use dtype::WeightFormat;
 pub use kv_cache::PagedKvCache;
+pub use quant::PreparedActivations;
 pub use rope::{RopeScaling, RopeStyle, RopeTable};
 pub use weight::{ByteView, WeightError, WeightMatrix};

@@ -27,6 +27,12 @@ pub enum WeightError {
     ZeroBlock { block_rows: usize, block_cols: usize },
     #[error("{rows}x{cols} matrix size overflows")]
     Overflow { rows: usize, cols: usize },
+    #[error("{format} stores values in blocks of {block}, but a row has {cols} values (not a multiple of {block})")]
+    NotBlockMultiple {
+        cols: usize,
+        format: &'static str,
+        block: usize,
+    },
 }
 
 /// A shared, immutable byte range: a slice of a memory-mapped file, or owned bytes.
@@ -94,9 +100,16 @@ pub struct WeightMatrix {
 impl WeightMatrix {
     /// Wraps stored bytes; checks that their length matches the shape.
     pub fn new(rows: usize, cols: usize, format: WeightFormat, data: ByteView) -> Result<Self, WeightError> {
-        let expected = rows
-            .checked_mul(cols)
-            .and_then(|n| n.checked_mul(format.element_bytes()))
+        if !cols.is_multiple_of(format.block_size()) {
+            return Err(WeightError::NotBlockMultiple {
+                cols,
+                format: format.name(),
+                block: format.block_size(),
+            });
+        }
+        let expected = format
+            .row_bytes(cols)
+            .and_then(|width| width.checked_mul(rows))
             .ok_or(WeightError::Overflow { rows, cols })?;
         if data.len() != expected {
             return Err(WeightError::ByteLength {
@@ -168,10 +181,17 @@ impl WeightMatrix {
         self.data.len() + self.block_scales.as_ref().map_or(0, |s| s.len() * 4)
     }
 
+    /// Bytes one stored row takes.
+    #[inline]
+    pub fn stored_row_bytes(&self) -> usize {
+        // Checked in `new`: the block size divides `cols` and `rows * width` does not overflow.
+        self.cols / self.format.block_size() * self.format.block_bytes()
+    }
+
     /// The stored bytes of one row.
     #[inline]
     pub fn row_bytes(&self, row: usize) -> &[u8] {
-        let width = self.cols * self.format.element_bytes();
+        let width = self.stored_row_bytes();
         &self.data.bytes()[row * width..(row + 1) * width]
     }
 
@@ -216,6 +236,9 @@ impl WeightMatrix {
                     *o = FP8_E4M3_TABLE[b as usize] * scales[scale_row + j / block_cols];
                 }
             }
+            WeightFormat::Q8_0 | WeightFormat::Q4_0 | WeightFormat::Q4K | WeightFormat::Q6K => {
+                crate::quant::dequantize(self.format, self.row_bytes(row), out);
+            }
         }
     }
 
@@ -246,6 +269,53 @@ mod tests {
                 actual: 10
             }
         );
+    }
+
+    #[test]
+    fn block_formats_check_length_and_block_multiple() {
+        use crate::quant::{QK, QK_K};
+        for (format, block, block_bytes) in [
+            (WeightFormat::Q8_0, QK, 34),
+            (WeightFormat::Q4_0, QK, 18),
+            (WeightFormat::Q4K, QK_K, 144),
+            (WeightFormat::Q6K, QK_K, 210),
+        ] {
+            let (rows, cols) = (3, 2 * block);
+            let ok = ByteView::from_vec(vec![0; rows * 2 * block_bytes]);
+            let w = WeightMatrix::new(rows, cols, format, ok).unwrap();
+            assert_eq!(w.row_bytes(2).len(), 2 * block_bytes);
+            assert_eq!(w.stored_bytes(), rows * 2 * block_bytes);
+
+            let short = ByteView::from_vec(vec![0; rows * 2 * block_bytes - 1]);
+            let err = WeightMatrix::new(rows, cols, format, short).unwrap_err();
+            assert_eq!(
+                err,
+                WeightError::ByteLength {
+                    rows,
+                    cols,
+                    format: format.name(),
+                    expected: rows * 2 * block_bytes,
+                    actual: rows * 2 * block_bytes - 1
+                }
+            );
+
+            let err = WeightMatrix::new(rows, cols + 1, format, ByteView::from_vec(vec![])).unwrap_err();
+            assert_eq!(
+                err,
+                WeightError::NotBlockMultiple {
+                    cols: cols + 1,
+                    format: format.name(),
+                    block
+                }
+            );
+            let message = err.to_string();
+            assert!(
+                message.contains(format.name()) && message.contains(&(cols + 1).to_string()),
+                "{message}"
+            );
+        }
+        let err = WeightMatrix::new(usize::MAX / 8, 256, WeightFormat::Q4K, ByteView::from_vec(vec![])).unwrap_err();
+        assert!(matches!(err, WeightError::Overflow { .. }));
     }
 
     #[test]

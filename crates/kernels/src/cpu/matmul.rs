@@ -1,13 +1,23 @@
 //! `x · Wᵀ` over any stored weight format, rows of W split across the thread pool.
 
+use std::cell::RefCell;
+
 use rayon::prelude::*;
 
-use super::dot::dot_row;
+use super::dot::{dot_row, dot_row_prepared, PreparedActivations};
+use super::gemm::gemm;
 use super::SharedMut;
 use crate::weight::WeightMatrix;
 
 /// Below this many multiply-adds the pool costs more than it saves.
 const PARALLEL_MIN_WORK: usize = 1 << 15;
+/// From this many tokens on, decoding weights once into f32 panels beats fused dot products.
+const GEMM_MIN_TOKENS: usize = 4;
+
+thread_local! {
+    /// Activation rows quantised for integer dot products, reused across calls on this thread.
+    static PREPARED: RefCell<Vec<PreparedActivations>> = const { RefCell::new(Vec::new()) };
+}
 
 /// `out[n, rows] = x[n, cols] · wᵀ`; each weight row is visited once for the whole batch.
 pub fn matmul(x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
@@ -18,24 +28,50 @@ pub fn matmul(x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
     }
     let n = x.len() / cols;
     assert_eq!(out.len(), n * rows, "matmul output must be [n, rows]");
-    let row_task = |row: usize, dst: SharedMut| {
-        for t in 0..n {
-            let value = dot_row(w, row, &x[t * cols..(t + 1) * cols]);
-            // SAFETY: `t * rows + row < n * rows == out.len()`, and row `row` belongs to one task.
-            unsafe { dst.write(t * rows + row, value) };
-        }
-    };
-    let dst = SharedMut::new(out);
-    if rows * cols * n < PARALLEL_MIN_WORK {
-        (0..rows).for_each(|row| row_task(row, dst));
-    } else {
-        let chunk = (rows / (rayon::current_num_threads() * 8)).max(4);
-        (0..rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
-            for row in c * chunk..((c + 1) * chunk).min(rows) {
-                row_task(row, dst);
-            }
-        });
+    if n >= GEMM_MIN_TOKENS && rows * cols * n >= PARALLEL_MIN_WORK {
+        gemm(x, w, out);
+        return;
     }
+    let format = w.format();
+    PREPARED.with_borrow_mut(|prepared| {
+        // Quantised formats take their activations in 8-bit blocks, prepared once per token here
+        // rather than once per weight row.
+        if format.is_block_quantized() {
+            while prepared.len() < n {
+                prepared.push(PreparedActivations::new(format, &x[..cols]));
+            }
+            for (t, p) in prepared.iter_mut().take(n).enumerate() {
+                p.prepare(format, &x[t * cols..(t + 1) * cols]);
+            }
+        }
+        let prepared: &[PreparedActivations] = if format.is_block_quantized() {
+            &prepared[..n]
+        } else {
+            &[]
+        };
+        let row_task = |row: usize, dst: SharedMut| {
+            for t in 0..n {
+                let xt = &x[t * cols..(t + 1) * cols];
+                let value = match prepared.get(t) {
+                    Some(p) => dot_row_prepared(w, row, xt, p),
+                    None => dot_row(w, row, xt),
+                };
+                // SAFETY: `t * rows + row < n * rows == out.len()`, and row `row` belongs to one task.
+                unsafe { dst.write(t * rows + row, value) };
+            }
+        };
+        let dst = SharedMut::new(out);
+        if rows * cols * n < PARALLEL_MIN_WORK {
+            (0..rows).for_each(|row| row_task(row, dst));
+        } else {
+            let chunk = (rows / (rayon::current_num_threads() * 8)).max(4);
+            (0..rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
+                for row in c * chunk..((c + 1) * chunk).min(rows) {
+                    row_task(row, dst);
+                }
+            });
+        }
+    });
 }
 
 #[cfg(test)]
@@ -70,8 +106,8 @@ mod tests {
     #[test]
     fn all_formats_against_f64() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-        // Odd sizes and enough work to take the parallel path.
-        for &(rows, cols, n) in &[(7usize, 13usize, 3usize), (301, 131, 2)] {
+        // Odd sizes; enough work for the parallel path; 3 tokens (dot products) and 5, 9 (gemm).
+        for &(rows, cols, n) in &[(7usize, 13usize, 3usize), (301, 131, 2), (37, 261, 5), (70, 300, 9)] {
             let vals: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
             let w = WeightMatrix::from_f32(rows, cols, &vals).unwrap();
             check(&w, &vals.iter().map(|&v| v as f64).collect::<Vec<_>>(), n, 1);
@@ -118,6 +154,42 @@ mod tests {
             w.dequantize_row(rows - 1, &mut row);
             for (a, b) in row.iter().zip(&decoded[(rows - 1) * cols..]) {
                 assert!((*a as f64 - b).abs() <= 1e-6 * b.abs());
+            }
+        }
+    }
+
+    /// Quantised formats through both paths: prepared 8-bit activations (2 tokens) and f32 panels
+    /// (6 tokens). Activations rounded to 8 bits move each product by at most half a step, so the
+    /// tolerance is relative to Σ|w·x|.
+    #[test]
+    fn quantized_formats_against_f64() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(21);
+        let (rows, cols) = (67, 512);
+        let vals: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+        for format in [
+            WeightFormat::Q8_0,
+            WeightFormat::Q4_0,
+            WeightFormat::Q4K,
+            WeightFormat::Q6K,
+        ] {
+            let bytes = crate::quant::quantize(format, &vals).unwrap();
+            let w = WeightMatrix::new(rows, cols, format, ByteView::from_vec(bytes)).unwrap();
+            let decoded: Vec<f64> = w.to_f32().iter().map(|&v| v as f64).collect();
+            for n in [2usize, 6] {
+                let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+                let mut out = vec![0.0f32; n * rows];
+                matmul(&x, &w, &mut out);
+                for t in 0..n {
+                    for r in 0..rows {
+                        let terms = (0..cols).map(|c| decoded[r * cols + c] * x[t * cols + c] as f64);
+                        let (exact, magnitude) = terms.fold((0.0, 0.0), |(s, m), v| (s + v, m + v.abs()));
+                        let got = out[t * rows + r] as f64;
+                        assert!(
+                            (got - exact).abs() <= 1e-2 * magnitude,
+                            "{format:?} n={n}: {got} vs {exact}"
+                        );
+                    }
+                }
             }
         }
     }

@@ -4,6 +4,7 @@ mod attention;
 pub mod bandwidth;
 pub mod dot;
 mod elementwise;
+mod gemm;
 mod matmul;
 
 use crate::backend::{AttentionLayout, Backend, SeqSpan};

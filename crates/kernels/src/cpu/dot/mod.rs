@@ -4,14 +4,25 @@
 //! code sits behind `cfg(target_arch = "x86_64")` so other targets build on the scalar path.
 //! Activations stay f32: weights are widened to f32 in registers, so every path computes the
 //! same products as the scalar reference, only summed in a different order.
+//!
+//! Block-quantized weights (`Q8_0`, `Q4_0`, `Q4_K`, `Q6_K`) have two entry points:
+//! [`dot_row`] (f32 activations; blocks decoded onto the stack, exact products) and
+//! [`dot_row_prepared`] (activations rounded once per row to 8-bit blocks by
+//! [`PreparedActivations`], then integer dot products — the fast path a matmul uses).
 
+mod quant;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+#[cfg(target_arch = "x86_64")]
+mod x86_q32;
+#[cfg(target_arch = "x86_64")]
+mod x86_qk;
 
 use std::sync::OnceLock;
 
 use crate::dtype::WeightFormat;
+pub use crate::quant::PreparedActivations;
 use crate::weight::WeightMatrix;
 
 /// Instruction sets the CPU kernels are written for.
@@ -22,6 +33,9 @@ pub enum Isa {
     Avx2,
     /// AVX-512 F/BW/VL (plus the AVX2 set).
     Avx512,
+    /// [`Isa::Avx512`] plus AVX512-VNNI (`vpdpbusd`) and AVX512-VBMI (byte permutes) for the
+    /// quantized formats' integer dots: Ice Lake, Zen 4 and later.
+    Avx512Vnni,
 }
 
 impl Isa {
@@ -30,6 +44,7 @@ impl Isa {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
+            Isa::Avx512Vnni => "avx512vnni",
         }
     }
 
@@ -45,6 +60,9 @@ impl Isa {
                 && is_x86_feature_detected!("avx512bw")
                 && is_x86_feature_detected!("avx512vl")
             {
+                if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vbmi") {
+                    out.push(Isa::Avx512Vnni);
+                }
                 out.push(Isa::Avx512);
             }
             if avx2 {
@@ -56,7 +74,7 @@ impl Isa {
     }
 }
 
-/// The instruction set in use: the best available, or `R1SERVE_ISA=scalar|avx2|avx512` if that is
+/// The instruction set in use: the best available, or `R1SERVE_ISA=scalar|avx2|avx512|avx512vnni` if that is
 /// available (for comparisons and tests).
 pub fn isa() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
@@ -93,6 +111,29 @@ pub fn dot_row_with(isa: Isa, w: &WeightMatrix, row: usize, x: &[f32]) -> f32 {
         WeightFormat::F32 => dense_dot(isa, Dense::F32, bytes, x),
         WeightFormat::Bf16 => dense_dot(isa, Dense::Bf16, bytes, x),
         WeightFormat::F16 => dense_dot(isa, Dense::F16, bytes, x),
+        format @ (WeightFormat::Q8_0 | WeightFormat::Q4_0 | WeightFormat::Q4K | WeightFormat::Q6K) => {
+            quant::dot_f32(isa, format, bytes, x)
+        }
+    }
+}
+
+/// `w[row] · x` with the process-wide instruction set, where `prepared` is `x` prepared for
+/// `w.format()` (once per activation row, shared by all weight rows): for the block-quantized
+/// formats an integer dot product over the 8-bit activations; for the others (or when `prepared`
+/// does not fit `w`) exactly [`dot_row`] over `x`.
+#[inline]
+pub fn dot_row_prepared(w: &WeightMatrix, row: usize, x: &[f32], prepared: &PreparedActivations) -> f32 {
+    dot_row_prepared_with(isa(), w, row, x, prepared)
+}
+
+/// [`dot_row_prepared`] with a given instruction set, which must be one of [`Isa::available`].
+#[inline]
+pub fn dot_row_prepared_with(isa: Isa, w: &WeightMatrix, row: usize, x: &[f32], prepared: &PreparedActivations) -> f32 {
+    let format = w.format();
+    if format.is_block_quantized() && prepared.fits(format, w.cols()) {
+        quant::dot_prepared(isa, format, w.row_bytes(row), prepared)
+    } else {
+        dot_row_with(isa, w, row, x)
     }
 }
 
@@ -107,9 +148,9 @@ enum Dense {
 fn dense_dot(isa: Isa, kind: Dense, bytes: &[u8], x: &[f32]) -> f32 {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => {
-            // SAFETY: `Isa::Avx512` is only produced by `Isa::available` after detecting
-            // avx512f/bw/vl, avx2, fma and f16c; slices are bounds-checked inside.
+        Isa::Avx512 | Isa::Avx512Vnni => {
+            // SAFETY: `Isa::Avx512` / `Avx512Vnni` are only produced by `Isa::available` after
+            // detecting avx512f/bw/vl, avx2, fma and f16c; slices are bounds-checked inside.
             unsafe {
                 match kind {
                     Dense::F32 => x86::dot_f32_avx512(bytes, x),
@@ -143,7 +184,7 @@ fn fp8_dot(isa: Isa, q: &[u8], x: &[f32]) -> f32 {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: see `dense_dot`: the variant proves the features were detected.
-        Isa::Avx512 => unsafe { x86::dot_fp8_avx512(q, x) },
+        Isa::Avx512 | Isa::Avx512Vnni => unsafe { x86::dot_fp8_avx512(q, x) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         Isa::Avx2 => unsafe { x86::dot_fp8_avx2(q, x) },

@@ -1,0 +1,180 @@
+//! Single-threaded 4096×4096 matvec per weight format and instruction set, reported as GB/s of
+//! weight bytes read, next to a plain memory read (summing a large `u64` array, and XOR-ing it
+//! with AVX2 loads) measured the same way: the roofline a decode step is held against.
+//!
+//! Each benchmark cycles through enough copies of its matrix (`R1SERVE_BENCH_MIB`, default 256 MiB
+//! in all) that weights come from DRAM, not the 32 MiB L3, as they do in a real model.
+//!
+//! `cargo bench -p r1serve-kernels --bench matvec -- --quick` (filter: e.g. `matvec/Q4_K`).
+//! Quantized formats run the fast path a matmul uses: activations prepared once per matvec
+//! (counted in the time), then `dot_row_prepared` per row.
+
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use r1serve_kernels::cpu::dot::{dot_row_prepared_with, Isa};
+use r1serve_kernels::{ByteView, PreparedActivations, WeightFormat, WeightMatrix};
+use rand::{Rng, SeedableRng};
+
+const N: usize = 4096;
+
+fn working_set_bytes() -> usize {
+    std::env::var("R1SERVE_BENCH_MIB")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(256)
+        << 20
+}
+
+/// Random stored bytes for `format` (values irrelevant to speed, but finite: f16 scales and FP8
+/// bytes are kept away from NaN / infinity).
+fn matrix(format: WeightFormat, rng: &mut rand_chacha::ChaCha8Rng) -> WeightMatrix {
+    let row_bytes = format.row_bytes(N).unwrap();
+    let mut bytes: Vec<u8> = (0..N * row_bytes).map(|_| rng.random()).collect();
+    let scale = half::f16::from_f32(0.01).to_bits().to_le_bytes();
+    let f16_fields: &[usize] = match format {
+        WeightFormat::Q8_0 | WeightFormat::Q4_0 => &[0],
+        WeightFormat::Q4K => &[0, 2],
+        WeightFormat::Q6K => &[208],
+        _ => &[],
+    };
+    if format.is_block_quantized() {
+        for block in bytes.chunks_exact_mut(format.block_bytes()) {
+            for &at in f16_fields {
+                block[at..at + 2].copy_from_slice(&scale);
+            }
+        }
+    }
+    match format {
+        WeightFormat::F8E4M3Block { block_rows, block_cols } => {
+            for b in &mut bytes {
+                *b &= 0xbf; // exponent < 15: never NaN
+            }
+            let scales = vec![0.01f32; N.div_ceil(block_rows) * N.div_ceil(block_cols)];
+            WeightMatrix::new_fp8_block(N, N, block_rows, block_cols, ByteView::from_vec(bytes), scales).unwrap()
+        }
+        WeightFormat::F32 => {
+            let values: Vec<f32> = (0..N * N).map(|_| rng.random_range(-1.0..1.0)).collect();
+            WeightMatrix::from_f32(N, N, &values).unwrap()
+        }
+        WeightFormat::F16 | WeightFormat::Bf16 => {
+            for pair in bytes.chunks_exact_mut(2) {
+                pair[1] &= 0x3f; // small exponents: finite
+            }
+            WeightMatrix::new(N, N, format, ByteView::from_vec(bytes)).unwrap()
+        }
+        _ => WeightMatrix::new(N, N, format, ByteView::from_vec(bytes)).unwrap(),
+    }
+}
+
+fn memory_read(c: &mut Criterion) {
+    let words = working_set_bytes() / 8;
+    let data: Vec<u64> = (0..words as u64).collect();
+    let mut group = c.benchmark_group("memory");
+    group.throughput(Throughput::BytesDecimal((words * 8) as u64));
+    group.bench_function("sum_u64", |b| {
+        b.iter(|| black_box(&data).iter().fold(0u64, |a, &v| a.wrapping_add(v)))
+    });
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") {
+        group.bench_function("xor_avx2", |b| {
+            // SAFETY: AVX2 was detected just above.
+            b.iter(|| unsafe { xor_avx2(black_box(&data)) })
+        });
+    }
+    group.finish();
+}
+
+/// XOR of all words with 32-byte loads into four independent accumulators: the fastest plain
+/// read one thread can do, as a second estimate of the roofline.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn xor_avx2(data: &[u64]) -> u64 {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm256_setzero_si256(); 4];
+    let chunks = data.chunks_exact(16);
+    let tail = chunks.remainder().iter().fold(0, |a, &v| a ^ v);
+    for chunk in chunks {
+        for (k, a) in acc.iter_mut().enumerate() {
+            // SAFETY: `chunk` holds 16 words, so words 4k..4k + 4 are in bounds.
+            *a = _mm256_xor_si256(*a, unsafe {
+                _mm256_loadu_si256(chunk.as_ptr().add(4 * k) as *const __m256i)
+            });
+        }
+    }
+    let all = _mm256_xor_si256(_mm256_xor_si256(acc[0], acc[1]), _mm256_xor_si256(acc[2], acc[3]));
+    let mut lanes = [0u64; 4];
+    // SAFETY: `lanes` is 32 bytes.
+    unsafe { _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, all) };
+    lanes.iter().fold(tail, |a, &v| a ^ v)
+}
+
+fn matvec(c: &mut Criterion) {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    let x: Vec<f32> = (0..N).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let formats = [
+        WeightFormat::F32,
+        WeightFormat::Bf16,
+        WeightFormat::F16,
+        WeightFormat::F8E4M3Block {
+            block_rows: 128,
+            block_cols: 128,
+        },
+        WeightFormat::Q8_0,
+        WeightFormat::Q4_0,
+        WeightFormat::Q4K,
+        WeightFormat::Q6K,
+    ];
+    let mut group = c.benchmark_group("matvec");
+    for format in formats {
+        let one = matrix(format, &mut rng);
+        let copies = working_set_bytes().div_ceil(one.stored_bytes()).max(1);
+        // Distinct allocations of the same bytes, read in turn.
+        let matrices: Vec<WeightMatrix> = (0..copies)
+            .map(|i| {
+                if i == 0 {
+                    one.clone()
+                } else {
+                    let bytes = (0..N).flat_map(|r| one.row_bytes(r).iter().copied()).collect();
+                    match format {
+                        WeightFormat::F8E4M3Block { block_rows, block_cols } => WeightMatrix::new_fp8_block(
+                            N,
+                            N,
+                            block_rows,
+                            block_cols,
+                            ByteView::from_vec(bytes),
+                            vec![0.01; N.div_ceil(block_rows) * N.div_ceil(block_cols)],
+                        )
+                        .unwrap(),
+                        _ => WeightMatrix::new(N, N, format, ByteView::from_vec(bytes)).unwrap(),
+                    }
+                }
+            })
+            .collect();
+        group.throughput(Throughput::BytesDecimal(one.stored_bytes() as u64));
+        for isa in Isa::available() {
+            let mut out = vec![0.0f32; N];
+            let mut prepared = PreparedActivations::default();
+            let mut next = 0;
+            group.bench_function(format!("{}/{}", format.name(), isa.name()), |b| {
+                b.iter(|| {
+                    let w = &matrices[next % copies];
+                    next += 1;
+                    prepared.prepare(format, &x);
+                    for (row, o) in out.iter_mut().enumerate() {
+                        *o = dot_row_prepared_with(isa, w, row, &x, &prepared);
+                    }
+                    black_box(&out);
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(10);
+    targets = memory_read, matvec
+}
+criterion_main!(benches);
