@@ -1,96 +1,48 @@
-//! Text in and out of the model: the HF tokenizer, and a detokenizer that streams whole characters.
+//! The text side of r1serve: the HF tokenizer, chat templates, a streaming detokenizer, and the
+//! parsers that turn generated text into an OpenAI/DeepSeek response (reasoning, tool calls).
+//!
+//! - [`tokenizer`]: `tokenizer.json` ([`Tokenizer`]) and the `<think>` ids of reasoning models.
+//! - [`template`]: [`ChatTemplate`] renders messages with the model's Jinja `chat_template`
+//!   (sandboxed minijinja) or a built-in R1 template.
+//! - [`message`]: [`ChatMessage`], the OpenAI request form of a message.
+//! - [`detokenizer`]: [`IncrementalDecoder`], O(1) per token, whole characters only.
+//! - [`reasoning`]: `<think>…</think>` → `reasoning_content` / `content`, one-shot and streaming.
+//! - [`budget`]: [`ThinkingBudget`], forcing `</think>` after N reasoning tokens.
+//! - [`tool_calls`]: DeepSeek tool-call blocks → name + arguments.
+//!
+//! A request's path through this crate: `ChatTemplate::render` → `Tokenizer::encode(prompt, false)`
+//! → (engine) → `IncrementalDecoder::push` per token (`skip_special_tokens = true`) →
+//! `ReasoningParser::push` per text delta → `parse_tool_calls` on the finished content.
 
-use std::path::{Path, PathBuf};
+pub mod budget;
+pub mod detokenizer;
+mod error;
+pub mod message;
+pub mod reasoning;
+pub mod template;
+pub mod tokenizer;
+pub mod tool_calls;
 
-#[derive(Debug, thiserror::Error)]
-pub enum ChatError {
-    #[error("{path}: cannot load tokenizer: {message}")]
-    Load { path: PathBuf, message: String },
-    #[error("tokenizer: {0}")]
-    Tokenize(String),
-}
+pub use budget::ThinkingBudget;
+pub use detokenizer::IncrementalDecoder;
+pub use error::ChatError;
+pub use message::{ChatMessage, ContentPart, FunctionCall, MessageContent, ToolCall};
+pub use reasoning::{split as split_reasoning, Delta, ReasoningParser, ReasoningSplit};
+pub use template::{prompt_opens_thinking, ChatTemplate, RenderOptions};
+pub use tokenizer::{ThinkTokens, Tokenizer};
+pub use tool_calls::{parse_tool_calls, ParsedToolCall, ToolCallParse};
 
-/// A HuggingFace `tokenizer.json`.
-pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
-}
+#[cfg(test)]
+mod send_sync {
+    fn assert_send_sync<T: Send + Sync>() {}
 
-impl Tokenizer {
-    pub fn from_file(path: &Path) -> Result<Self, ChatError> {
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| ChatError::Load {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })?;
-        Ok(Self { inner })
-    }
-
-    /// Looks for `tokenizer.json` in a model directory.
-    pub fn from_model_dir(dir: &Path) -> Result<Option<Self>, ChatError> {
-        let path = dir.join("tokenizer.json");
-        if path.exists() {
-            Self::from_file(&path).map(Some)
-        } else {
-            Ok(None)
-        }
-    }
-
-    /// Encodes `text`; `add_special_tokens` applies the tokenizer's post-processor (BOS etc.).
-    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, ChatError> {
-        let encoding = self
-            .inner
-            .encode(text, add_special_tokens)
-            .map_err(|e| ChatError::Tokenize(e.to_string()))?;
-        Ok(encoding.get_ids().to_vec())
-    }
-
-    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, ChatError> {
-        self.inner
-            .decode(ids, skip_special_tokens)
-            .map_err(|e| ChatError::Tokenize(e.to_string()))
-    }
-
-    pub fn token_to_id(&self, token: &str) -> Option<u32> {
-        self.inner.token_to_id(token)
-    }
-}
-
-/// Turns a stream of token ids into text deltas that never split a character: bytes of an
-/// unfinished UTF-8 sequence are held back until the token that completes them arrives.
-pub struct IncrementalDecoder<'t> {
-    tokenizer: &'t Tokenizer,
-    tokens: Vec<u32>,
-    emitted: usize,
-    skip_special_tokens: bool,
-}
-
-impl<'t> IncrementalDecoder<'t> {
-    pub fn new(tokenizer: &'t Tokenizer, skip_special_tokens: bool) -> Self {
-        Self {
-            tokenizer,
-            tokens: Vec::new(),
-            emitted: 0,
-            skip_special_tokens,
-        }
-    }
-
-    /// Adds a token; returns the new text it completes (possibly empty).
-    pub fn push(&mut self, token: u32) -> Result<String, ChatError> {
-        self.tokens.push(token);
-        let text = self.tokenizer.decode(&self.tokens, self.skip_special_tokens)?;
-        if text.ends_with('\u{fffd}') || text.len() < self.emitted || !text.is_char_boundary(self.emitted) {
-            // An incomplete character (or a decoder that rewrote earlier text): wait for more.
-            return Ok(String::new());
-        }
-        let delta = text[self.emitted..].to_owned();
-        self.emitted = text.len();
-        Ok(delta)
-    }
-
-    /// Whatever is still held back (an incomplete character at the end of the stream).
-    pub fn finish(&mut self) -> Result<String, ChatError> {
-        let text = self.tokenizer.decode(&self.tokens, self.skip_special_tokens)?;
-        let delta = text.get(self.emitted..).unwrap_or("").to_owned();
-        self.emitted = text.len();
-        Ok(delta)
+    #[test]
+    fn shared_types_are_send_and_sync() {
+        assert_send_sync::<super::Tokenizer>();
+        assert_send_sync::<super::ChatTemplate>();
+        assert_send_sync::<super::ChatError>();
+        assert_send_sync::<super::IncrementalDecoder<std::sync::Arc<super::Tokenizer>>>();
+        assert_send_sync::<super::ReasoningParser>();
+        assert_send_sync::<super::ThinkingBudget>();
     }
 }

@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use r1serve_kernels::cpu::bandwidth::measure_read_bandwidth;
 use r1serve_kernels::{CpuBackend, PagedKvCache};
-use r1serve_model::{load_model_with, Batch, CausalLm, LoadFormat, LoadOptions, LogitsWanted, ModelDir, SeqInput};
+use r1serve_model::{load_model_with, Batch, CausalLm, LoadFormat, LogitsWanted, ModelDir, SeqInput};
 use serde::Serialize;
 
 const BLOCK_SIZE: usize = 16;
@@ -34,6 +34,9 @@ pub struct BenchArgs {
     config: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = LoadFormatArg::Auto)]
     load_format: LoadFormatArg,
+    /// Convert the weights to this format at load (f32, bf16, f16, q8_0, q4_0, q4_k, q6_k).
+    #[arg(long, value_parser = crate::parse_quant)]
+    quant: Option<r1serve_kernels::WeightFormat>,
     /// Prompt tokens processed in one batch (pp).
     #[arg(short = 'p', long = "n-prompt", default_value_t = 64)]
     n_prompt: usize,
@@ -133,12 +136,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.n_prompt == 0 || args.n_gen == 0 || args.repetitions == 0 {
         bail!("-p, -n and --repetitions must be at least 1");
     }
-    let options = LoadOptions {
-        format: match args.load_format {
-            LoadFormatArg::Auto => LoadFormat::Auto,
-            LoadFormatArg::Dummy => LoadFormat::Dummy { seed: 0 },
-        },
+    let format = match args.load_format {
+        LoadFormatArg::Auto => LoadFormat::Auto,
+        LoadFormatArg::Dummy => LoadFormat::Dummy { seed: 0 },
     };
+    let options = crate::load_options(format, args.quant);
     let load_start = Instant::now();
     let model = load_model_with(&dir, &options, Arc::new(CpuBackend)).with_context(|| format!("cannot load {name}"))?;
     tracing::info!(seconds = load_start.elapsed().as_secs_f64(), "model loaded");

@@ -51,6 +51,9 @@ pub struct GenerateArgs {
     echo: bool,
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     format: OutputFormat,
+    /// Convert the weights to this format at load (f32, bf16, f16, q8_0, q4_0, q4_k, q6_k).
+    #[arg(long, value_parser = crate::parse_quant)]
+    quant: Option<r1serve_kernels::WeightFormat>,
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
@@ -69,7 +72,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         }
         (None, None) => bail!("give --prompt or --prompt-ids"),
     };
-    let model = r1serve_model::load_model(&dir, Arc::new(CpuBackend))
+    let options = crate::load_options(r1serve_model::LoadFormat::Auto, args.quant);
+    let model = r1serve_model::load_model_with(&r1serve_model::ModelDir::open(&dir)?, &options, Arc::new(CpuBackend))
         .with_context(|| format!("cannot load the model in {}", dir.display()))?;
     let request = GenerateRequest {
         prompt,
@@ -79,6 +83,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             top_k: args.top_k,
             top_p: args.top_p,
             seed: args.seed,
+            ..SamplingParams::default()
         },
         stop_token_ids: if args.ignore_eos {
             Vec::new()

@@ -48,6 +48,39 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// `--quant NAME` → a weight format, naming the accepted ones on error.
+pub(crate) fn parse_quant(name: &str) -> Result<r1serve_kernels::WeightFormat, String> {
+    r1serve_model::parse_weight_format(name).ok_or_else(|| {
+        format!(
+            "unknown format `{name}` (supported: {})",
+            r1serve_model::WEIGHT_FORMAT_NAMES
+        )
+    })
+}
+
+/// Load options with in-situ conversion to `quant` and a progress spinner on stderr.
+pub(crate) fn load_options(
+    format: r1serve_model::LoadFormat,
+    quant: Option<r1serve_kernels::WeightFormat>,
+) -> r1serve_model::LoadOptions {
+    let progress = quant.map(|format| {
+        let bar =
+            indicatif::ProgressBar::new_spinner().with_message(format!("converting weights to {}", format.name()));
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {msg}: {pos} matrices [{elapsed}]")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        let callback: r1serve_model::weights::ProgressFn =
+            std::sync::Arc::new(move |done| bar.set_position(done as u64));
+        callback
+    });
+    r1serve_model::LoadOptions {
+        format,
+        quant,
+        progress,
+    }
+}
+
 /// Model directory argument shared by subcommands.
 pub(crate) fn model_dir(path: &Path) -> anyhow::Result<PathBuf> {
     anyhow::ensure!(path.is_dir(), "model directory {} does not exist", path.display());

@@ -29,6 +29,10 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` was reached.
     Length,
+    /// The request was cancelled (by the caller, or because nobody listens any more).
+    Abort,
+    /// The model failed on this request's batch; the event carries the message.
+    Error,
 }
 
 impl FinishReason {
@@ -36,6 +40,8 @@ impl FinishReason {
         match self {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
+            FinishReason::Abort => "abort",
+            FinishReason::Error => "error",
         }
     }
 }
@@ -76,6 +82,7 @@ pub fn generate(
         )));
     }
     let mut sampler = Sampler::new(request.sampling.clone())?;
+    sampler.set_prompt(prompt);
     let total = prompt.len() + request.max_tokens;
     let blocks = total.div_ceil(BLOCK_SIZE).max(1);
     let mut cache = PagedKvCache::new(BLOCK_SIZE, blocks, &model.kv_entry_widths());

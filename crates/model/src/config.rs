@@ -35,9 +35,19 @@ fn read_json(path: &Path) -> Result<Value> {
 }
 
 impl ModelDir {
-    /// Opens `dir/config.json` (required) and `dir/generation_config.json` (optional).
+    /// Opens `dir/config.json` (required) and `dir/generation_config.json` (optional). A `.gguf`
+    /// file, or a directory with no `config.json` and exactly one `.gguf`, opens that GGUF file
+    /// (see [`ModelDir::from_gguf`]).
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref().to_owned();
+        if crate::gguf::is_gguf_path(&dir) && !dir.is_dir() {
+            return Self::from_gguf(&dir);
+        }
+        if dir.is_dir() && !dir.join("config.json").exists() {
+            if let Some(gguf) = crate::gguf::single_gguf_in(&dir)? {
+                return Self::from_gguf(&gguf);
+            }
+        }
         if !dir.is_dir() {
             return Err(ModelError::Io {
                 path: dir,
@@ -75,6 +85,17 @@ impl ModelDir {
         };
         model_dir.check_is_object()?;
         Ok(model_dir)
+    }
+
+    /// A model described by a GGUF file: the config is synthesised from its metadata, and
+    /// `config_path` is the `.gguf` file (the registry then loads the weights from it).
+    pub fn from_gguf(path: impl AsRef<Path>) -> Result<Self> {
+        crate::gguf::model_dir(path.as_ref())
+    }
+
+    /// The GGUF file this model comes from, if it does.
+    pub fn gguf_path(&self) -> Option<&Path> {
+        crate::gguf::is_gguf_path(&self.config_path).then_some(self.config_path.as_path())
     }
 
     fn check_is_object(&self) -> Result<()> {

@@ -61,6 +61,12 @@ pub enum ModelError {
         #[source]
         source: WeightError,
     },
+    #[error("{path}: GGUF: {source}")]
+    Gguf {
+        path: PathBuf,
+        #[source]
+        source: crate::gguf::GgufError,
+    },
     #[error("KV cache: {0}")]
     KvCache(#[from] KvCacheError),
     #[error("invalid batch: {0}")]

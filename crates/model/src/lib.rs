@@ -3,10 +3,13 @@
 pub mod config;
 pub mod deepseek;
 mod error;
+pub mod gguf;
 pub mod llama;
 pub mod model;
 pub mod registry;
 pub mod weights;
+
+pub use weights::convert::{parse_format as parse_weight_format, FORMAT_NAMES as WEIGHT_FORMAT_NAMES};
 
 pub use config::ModelDir;
 pub use error::{ModelError, Result};

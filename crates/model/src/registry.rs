@@ -8,7 +8,7 @@ use r1serve_kernels::{Backend, WeightFormat};
 use crate::config::ModelDir;
 use crate::error::{ModelError, Result};
 use crate::model::{CausalLm, ModelSummary};
-use crate::weights::{DummyWeights, WeightStore};
+use crate::weights::{DummyWeights, ProgressFn, WeightStore};
 use crate::{deepseek, llama};
 
 /// Builds a runnable model from its config and weights.
@@ -17,16 +17,20 @@ pub type LoadFn = fn(&ModelDir, &WeightStore, Arc<dyn Backend>) -> Result<Box<dy
 /// Where the weights come from.
 #[derive(Clone, Debug, Default)]
 pub enum LoadFormat {
-    /// The model directory's safetensors files.
+    /// The model's files: the safetensors in its directory, or its GGUF file.
     #[default]
     Auto,
     /// Random weights of the right shapes and formats (benchmarks without the files).
     Dummy { seed: u64 },
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct LoadOptions {
     pub format: LoadFormat,
+    /// Convert the weights to this format as they load (in-situ quantisation).
+    pub quant: Option<WeightFormat>,
+    /// Called with the number of weight matrices ready so far.
+    pub progress: Option<ProgressFn>,
 }
 
 /// An architecture as named in `config.json`'s `architectures`.
@@ -85,11 +89,21 @@ pub fn load_model_with(
     let arch = find(model_dir)?;
     let fp8_block = model_dir.fp8_block_size()?;
     let store = match options.format {
-        LoadFormat::Auto => WeightStore::open(&model_dir.dir, fp8_block)?,
+        LoadFormat::Auto => open_store(model_dir, fp8_block)?,
         LoadFormat::Dummy { seed } => WeightStore::dummy(&model_dir.dir, dummy_weights(model_dir, seed, fp8_block)),
     };
+    let mut store = store;
+    store.set_conversion(options.quant, options.progress.clone());
     tracing::info!(architecture = arch.name, dir = %model_dir.dir.display(), dummy = store.is_dummy(), "loading model");
     (arch.load)(model_dir, &store, backend)
+}
+
+/// The model's files: its GGUF file, or the safetensors in its directory.
+fn open_store(model_dir: &ModelDir, fp8_block: Option<(usize, usize)>) -> Result<WeightStore> {
+    match model_dir.gguf_path() {
+        Some(path) => WeightStore::open_gguf(path),
+        None => WeightStore::open(&model_dir.dir, fp8_block),
+    }
 }
 
 fn dummy_weights(model_dir: &ModelDir, seed: u64, fp8_block: Option<(usize, usize)>) -> DummyWeights {
@@ -121,7 +135,7 @@ pub fn summarize(model_dir: &ModelDir, with_weights: bool) -> Result<ModelSummar
     let arch = find(model_dir)?;
     let mut summary = (arch.summarize)(model_dir)?;
     if with_weights {
-        let store = WeightStore::open(&model_dir.dir, model_dir.fp8_block_size()?)?;
+        let store = open_store(model_dir, model_dir.fp8_block_size()?)?;
         summary.weight_dtypes = store.dtype_counts();
     }
     Ok(summary)

@@ -1,6 +1,7 @@
 //! The weights of a model directory: safetensors files (single or sharded), memory-mapped, looked
 //! up by name with their shapes checked against what the architecture expects.
 
+pub mod convert;
 mod dummy;
 mod safetensors_file;
 
@@ -8,12 +9,15 @@ pub use dummy::DummyWeights;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use r1serve_kernels::{WeightFormat, WeightMatrix};
 use safetensors::Dtype;
 use serde_json::Value;
 
 use crate::error::{ModelError, Result};
+use crate::gguf::GgufWeights;
 use safetensors_file::{MappedFile, TensorEntry};
 
 const PICKLE_EXTENSIONS: [&str; 4] = ["bin", "pt", "pth", "ckpt"];
@@ -26,7 +30,16 @@ pub struct WeightStore {
     fp8_block: Option<(usize, usize)>,
     /// Random weights instead of files (`--load-format dummy`).
     dummy: Option<DummyWeights>,
+    /// In-situ conversion of every matrix to this format (`--quant`).
+    convert_to: Option<WeightFormat>,
+    progress: Option<ProgressFn>,
+    matrices_done: AtomicUsize,
+    /// A GGUF file instead of safetensors.
+    gguf: Option<GgufWeights>,
 }
+
+/// Called after each weight matrix is ready, with the number of matrices ready so far.
+pub type ProgressFn = Arc<dyn Fn(usize) + Send + Sync>;
 
 impl WeightStore {
     /// Random weights generated on request, named and shaped as the architecture asks.
@@ -37,7 +50,32 @@ impl WeightStore {
             tensors: HashMap::new(),
             fp8_block: weights.fp8_block,
             dummy: Some(weights),
+            convert_to: None,
+            progress: None,
+            matrices_done: AtomicUsize::new(0),
+            gguf: None,
         }
+    }
+
+    /// The tensors of a GGUF file, under their HF names.
+    pub fn open_gguf(path: &Path) -> Result<Self> {
+        Ok(Self {
+            dir: path.to_owned(),
+            files: Vec::new(),
+            tensors: HashMap::new(),
+            fp8_block: None,
+            dummy: None,
+            convert_to: None,
+            progress: None,
+            matrices_done: AtomicUsize::new(0),
+            gguf: Some(GgufWeights::open(path)?),
+        })
+    }
+
+    /// Converts every matrix handed out to `format` (in-situ quantisation), reporting progress.
+    pub fn set_conversion(&mut self, format: Option<WeightFormat>, progress: Option<ProgressFn>) {
+        self.convert_to = format;
+        self.progress = progress;
     }
 
     pub fn is_dummy(&self) -> bool {
@@ -55,6 +93,10 @@ impl WeightStore {
             tensors: HashMap::new(),
             fp8_block,
             dummy: None,
+            convert_to: None,
+            progress: None,
+            matrices_done: AtomicUsize::new(0),
+            gguf: None,
         };
         if index_path.exists() {
             store.open_sharded(&index_path)?;
@@ -127,16 +169,25 @@ impl WeightStore {
         if let Some(dummy) = &self.dummy {
             return dummy.contains(name);
         }
+        if let Some(gguf) = &self.gguf {
+            return gguf.contains(name);
+        }
         self.tensors.contains_key(name)
     }
 
     /// Every tensor name (for diagnostics and the MTP-layer check).
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.tensors.keys().map(String::as_str)
+        self.tensors
+            .keys()
+            .map(String::as_str)
+            .chain(self.gguf.iter().flat_map(GgufWeights::names))
     }
 
     /// Element count per dtype name over all tensors (`inspect`'s dtype mix).
     pub fn dtype_counts(&self) -> BTreeMap<String, usize> {
+        if let Some(gguf) = &self.gguf {
+            return gguf.dtype_counts();
+        }
         let mut counts = BTreeMap::new();
         for entry in self.tensors.values() {
             *counts.entry(format!("{:?}", entry.dtype)).or_insert(0) += entry.shape.iter().product::<usize>();
@@ -169,12 +220,32 @@ impl WeightStore {
 
     /// A `[rows, cols]` weight kept in its stored format (FP8 with its `_scale_inv` blocks).
     pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<WeightMatrix> {
+        let stored = self.stored_matrix(name, rows, cols)?;
+        let matrix = match self.convert_to {
+            Some(format) => convert::convert(name, stored, format).map_err(|source| ModelError::Weight {
+                name: name.to_owned(),
+                path: self.dir.clone(),
+                source,
+            })?,
+            None => stored,
+        };
+        let done = self.matrices_done.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some(progress) = &self.progress {
+            progress(done);
+        }
+        Ok(matrix)
+    }
+
+    fn stored_matrix(&self, name: &str, rows: usize, cols: usize) -> Result<WeightMatrix> {
         if let Some(dummy) = &self.dummy {
             return dummy.matrix(name, rows, cols).map_err(|source| ModelError::Weight {
                 name: name.to_owned(),
                 path: self.dir.clone(),
                 source,
             });
+        }
+        if let Some(gguf) = &self.gguf {
+            return gguf.matrix(name, rows, cols);
         }
         let entry = self.entry(name)?;
         self.check_shape(name, entry, &[rows, cols])?;
@@ -228,6 +299,9 @@ impl WeightStore {
     pub fn vector_shaped(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         if let Some(dummy) = &self.dummy {
             return Ok(dummy.vector(name, shape.iter().product()));
+        }
+        if let Some(gguf) = &self.gguf {
+            return gguf.vector_shaped(name, shape);
         }
         let entry = self.entry(name)?;
         self.check_shape(name, entry, shape)?;

@@ -1,0 +1,129 @@
+//! GGUF files (llama.cpp's single-file format): a hostile-input-safe header parser over a memory
+//! map, the translation of its metadata into the HF `config.json` the architectures parse, and its
+//! tensors under HF names.
+//!
+//! A GGUF model is opened with [`crate::ModelDir::open`] (a `.gguf` path, or a directory holding
+//! exactly one `.gguf` and no `config.json`) and loaded by the registry like any other:
+//! `load_model("model.gguf", backend)`.
+
+mod error;
+mod hf_config;
+mod mapping;
+mod metadata;
+mod reader;
+mod rope;
+mod types;
+mod weights;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use serde_json::Value;
+
+pub use error::GgufError;
+pub use metadata::{GgufArray, GgufValue, Metadata};
+pub use reader::{parse, Header, TensorInfo, MAX_ARRAY_DEPTH, MAX_DIMS, MAX_KEY_LEN, MAX_STRING_LEN};
+pub use types::GgmlType;
+pub use weights::GgufWeights;
+
+use crate::config::ModelDir;
+use crate::error::{ModelError, Result};
+
+/// A memory-mapped GGUF file with its parsed header.
+pub struct GgufFile {
+    pub path: PathBuf,
+    pub header: Header,
+    map: Arc<Mmap>,
+}
+
+impl GgufFile {
+    /// Maps `path` and parses its header; every tensor's byte range is checked to lie in the file.
+    pub fn open(path: &Path) -> Result<Self> {
+        let io_err = |source| ModelError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let file = File::open(path).map_err(io_err)?;
+        if !file.metadata().map_err(io_err)?.is_file() {
+            return Err(io_err(std::io::Error::other("not a regular file")));
+        }
+        // SAFETY: the file is opened read-only and never written by r1serve; a file changed by
+        // another process while mapped is outside what any mmap-based loader can defend against.
+        let map = unsafe { Mmap::map(&file) }.map_err(io_err)?;
+        let header = parse(&map).map_err(|source| ModelError::Gguf {
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(Self {
+            path: path.to_owned(),
+            header,
+            map: Arc::new(map),
+        })
+    }
+
+    /// The whole file.
+    pub fn bytes(&self) -> &[u8] {
+        &self.map
+    }
+
+    /// The HF `config.json` equivalent of the metadata.
+    pub fn hf_config(&self) -> Result<Value> {
+        hf_config::hf_config(&self.header, self.bytes()).map_err(|source| ModelError::Gguf {
+            path: self.path.clone(),
+            source,
+        })
+    }
+}
+
+/// Whether `path` names a GGUF file by its extension.
+pub fn is_gguf_path(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
+/// The one `.gguf` file in `dir`: `None` when there is none, an error naming them when there are
+/// several.
+pub fn single_gguf_in(dir: &Path) -> Result<Option<PathBuf>> {
+    let entries = std::fs::read_dir(dir).map_err(|source| ModelError::Io {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let mut found: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| is_gguf_path(p) && p.is_file())
+        .collect();
+    found.sort();
+    match found.len() {
+        0 => Ok(None),
+        1 => Ok(found.pop()),
+        _ => Err(ModelError::Config {
+            path: dir.to_owned(),
+            message: format!(
+                "directory holds {} .gguf files ({}); pass the path of the one to load",
+                found.len(),
+                found
+                    .iter()
+                    .filter_map(|p| p.file_name()?.to_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }),
+    }
+}
+
+/// A [`ModelDir`] whose config is synthesised from the GGUF metadata; its `config_path` is the
+/// `.gguf` file, so config errors name it.
+pub fn model_dir(path: &Path) -> Result<ModelDir> {
+    let file = GgufFile::open(path)?;
+    let config = file.hf_config()?;
+    Ok(ModelDir {
+        dir: path.parent().map(Path::to_owned).unwrap_or_default(),
+        config_path: path.to_owned(),
+        config,
+        generation_config: None,
+    })
+}
