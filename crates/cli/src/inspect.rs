@@ -23,9 +23,10 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     let (dir, with_weights) = match (&args.model, &args.config) {
         (Some(model), _) => {
             let dir = ModelDir::open(crate::model_dir(model)?)?;
-            let has_weights = ["model.safetensors", "model.safetensors.index.json"]
-                .iter()
-                .any(|f| dir.dir.join(f).exists());
+            let has_weights = dir.gguf_path().is_some()
+                || ["model.safetensors", "model.safetensors.index.json"]
+                    .iter()
+                    .any(|f| dir.dir.join(f).exists());
             (dir, has_weights)
         }
         (None, Some(config)) => (ModelDir::from_config_file(config)?, false),

@@ -81,8 +81,12 @@ pub(crate) fn load_options(
     }
 }
 
-/// Model directory argument shared by subcommands.
+/// `--model` argument shared by subcommands: a model directory or a `.gguf` file.
 pub(crate) fn model_dir(path: &Path) -> anyhow::Result<PathBuf> {
-    anyhow::ensure!(path.is_dir(), "model directory {} does not exist", path.display());
+    anyhow::ensure!(
+        path.is_dir() || (path.is_file() && r1serve_model::gguf::is_gguf_path(path)),
+        "model {} does not exist (give a model directory or a .gguf file)",
+        path.display()
+    );
     Ok(path.to_path_buf())
 }
