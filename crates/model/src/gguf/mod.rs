@@ -15,7 +15,6 @@ mod rope;
 mod types;
 mod weights;
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -41,17 +40,7 @@ pub struct GgufFile {
 impl GgufFile {
     /// Maps `path` and parses its header; every tensor's byte range is checked to lie in the file.
     pub fn open(path: &Path) -> Result<Self> {
-        let io_err = |source| ModelError::Io {
-            path: path.to_owned(),
-            source,
-        };
-        let file = File::open(path).map_err(io_err)?;
-        if !file.metadata().map_err(io_err)?.is_file() {
-            return Err(io_err(std::io::Error::other("not a regular file")));
-        }
-        // SAFETY: the file is opened read-only and never written by r1serve; a file changed by
-        // another process while mapped is outside what any mmap-based loader can defend against.
-        let map = unsafe { Mmap::map(&file) }.map_err(io_err)?;
+        let map = crate::weights::map_readonly(path)?;
         let header = parse(&map).map_err(|source| ModelError::Gguf {
             path: path.to_owned(),
             source,

@@ -339,6 +339,21 @@ impl WeightStore {
     }
 }
 
+/// Memory-maps a weight file read-only (regular files only: a directory or device is refused).
+pub(crate) fn map_readonly(path: &Path) -> Result<memmap2::Mmap> {
+    let io_err = |source| ModelError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io_err)?;
+    if !file.metadata().map_err(io_err)?.is_file() {
+        return Err(io_err(std::io::Error::other("not a regular file")));
+    }
+    // SAFETY: the file is opened read-only and r1serve never writes it; a file changed by another
+    // process while mapped is outside what any mmap-based loader can defend against.
+    unsafe { memmap2::Mmap::map(&file) }.map_err(io_err)
+}
+
 /// The error for a directory with no safetensors: pickle files are refused by name.
 fn refuse_or_missing(dir: &Path) -> ModelError {
     let pickle = std::fs::read_dir(dir).ok().and_then(|entries| {

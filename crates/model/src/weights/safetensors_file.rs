@@ -1,6 +1,5 @@
 //! One memory-mapped safetensors file: its validated header and byte views of its tensors.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -29,17 +28,7 @@ pub struct MappedFile {
 impl MappedFile {
     /// Maps `path` and reads its header; every tensor's range is checked to lie inside the file.
     pub fn open(path: &Path, file_index: usize) -> Result<(Self, Vec<(String, TensorEntry)>)> {
-        let io_err = |source| ModelError::Io {
-            path: path.to_owned(),
-            source,
-        };
-        let file = File::open(path).map_err(io_err)?;
-        if !file.metadata().map_err(io_err)?.is_file() {
-            return Err(io_err(std::io::Error::other("not a regular file")));
-        }
-        // SAFETY: the file is opened read-only; r1serve never writes it, and a file changed by
-        // another process while mapped is outside what any mmap-based loader can defend against.
-        let map = unsafe { Mmap::map(&file) }.map_err(io_err)?;
+        let map = crate::weights::map_readonly(path)?;
         let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(|e| ModelError::Safetensors {
             path: path.to_owned(),
             message: describe(&e, &map),
