@@ -118,6 +118,7 @@ struct Layer {
 /// Per-forward buffers, reused across steps.
 #[derive(Default)]
 struct Scratch {
+    ids: Vec<u32>,
     x: Vec<f32>,
     normed: Vec<f32>,
     q: Vec<f32>,
@@ -251,9 +252,11 @@ impl CausalLm for Llama {
         let (q_dim, kv_dim) = (cfg.num_attention_heads * hd, cfg.kv_heads() * hd);
         let mut guard = self.scratch.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let s = &mut *guard;
-        let ids: Vec<u32> = batch.seqs.iter().flat_map(|seq| seq.tokens.iter().copied()).collect();
+        s.ids.clear();
+        s.ids
+            .extend(batch.seqs.iter().flat_map(|seq| seq.tokens.iter().copied()));
         let x = ensure(&mut s.x, n * h);
-        be.embedding(&self.embed, &ids, x);
+        be.embedding(&self.embed, &s.ids, x);
         let eps = cfg.rms_norm_eps as f32;
         let scale = 1.0 / (hd as f32).sqrt();
         for (li, layer) in self.layers.iter().enumerate() {
