@@ -3,6 +3,7 @@
 mod bench;
 mod generate;
 mod inspect;
+mod serve;
 
 use std::path::{Path, PathBuf};
 
@@ -27,14 +28,23 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Measure prompt-processing and decode speed against the memory roofline.
     Bench(bench::BenchArgs),
+    /// Serve the OpenAI-compatible HTTP API.
+    Serve(serve::ServeArgs),
 }
 
 fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // The server logs a line per request by default; the one-shot commands only warnings.
+    let default_filter = match cli.command {
+        Command::Serve(_) => "warn,r1serve=info,r1serve_server=info,r1serve_engine=info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()),
+        )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     if let Some(threads) = cli.threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -45,6 +55,7 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Serve(args) => serve::run(args),
     }
 }
 

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -98,6 +99,9 @@ impl EngineCore {
     pub fn add_request(&mut self, id: SeqId, request: Request, sink: EventSender) -> Result<(), EngineError> {
         self.limits.check(&request)?;
         let seq = Sequence::new(id, request, &self.eos_token_ids)?;
+        let (front, back) = seq.forced.as_slices();
+        self.limits.check_tokens(front)?;
+        self.limits.check_tokens(back)?;
         self.out.sinks.insert(id, sink);
         self.scheduler.add(seq);
         Ok(())
@@ -284,7 +288,35 @@ fn postprocess(seq: &mut Sequence, s: &ScheduledSeq, rows: Range<usize>, runner:
             seq.sampler.observe(token);
             (token, true)
         }
-        None => (seq.sampler.sample(row), false),
+        None => {
+            let token = seq.sampler.sample(row);
+            // The hook is the caller's code running on the engine thread: a panic fails only
+            // this request.
+            let hooked = seq
+                .hook
+                .as_mut()
+                .map(|h| catch_unwind(AssertUnwindSafe(|| h.on_sampled(token))));
+            let error = match hooked {
+                Some(Err(_)) => Some("the request's token hook panicked".to_owned()),
+                Some(Ok(Some(tokens))) => match tokens.iter().find(|&&t| t as usize >= runner.vocab_size()) {
+                    Some(&bad) => Some(format!(
+                        "the request's hook forced token {bad}, outside the vocabulary of {}",
+                        runner.vocab_size()
+                    )),
+                    None => {
+                        seq.push_forced(tokens);
+                        None
+                    }
+                },
+                _ => None,
+            };
+            if let Some(error) = error {
+                seq.status = SeqStatus::Finished(FinishReason::Error);
+                seq.error = Some(error);
+                return;
+            }
+            (token, false)
+        }
     };
     let logprob = seq.logprobs.map(|k| out.score(row, token, k));
     seq.push_token(token);

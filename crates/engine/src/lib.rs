@@ -30,4 +30,6 @@ pub use metrics::{EngineStats, FinishCounts, Histogram};
 pub use runner::ModelRunner;
 pub use sampler::{Sampler, SamplingParams};
 pub use scheduler::{Scheduler, SchedulerConfig};
-pub use sequence::{GeneratedToken, Request, SeqId, SeqStatus, Sequence, TokenEvent, TokenLogprob, Usage};
+pub use sequence::{
+    GeneratedToken, Hook, Request, SeqId, SeqStatus, Sequence, TokenEvent, TokenHook, TokenLogprob, Usage,
+};

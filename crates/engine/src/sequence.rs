@@ -28,6 +28,50 @@ pub struct Request {
     /// `Some(k)`: also score the prompt (echo), each token with `k` alternatives. Disables prefix
     /// cache hits for this request (cached tokens have no logits).
     pub prompt_logprobs: Option<usize>,
+    /// Chooses tokens to force on the engine thread (e.g. a thinking budget's `</think>`).
+    pub hook: Option<Hook>,
+}
+
+/// Decides on the engine thread, right after each sampled token, which tokens to force next. A
+/// condition such as a thinking budget then takes effect at exactly the token that meets it,
+/// where [`crate::Engine::force_tokens`] from another thread arrives a step or more late.
+pub trait TokenHook: Send {
+    /// Tokens to emit before anything is sampled.
+    fn on_start(&mut self) -> Option<Vec<u32>> {
+        None
+    }
+    /// Called with each sampled (not forced) token; returns tokens to emit next.
+    fn on_sampled(&mut self, token: u32) -> Option<Vec<u32>>;
+    /// A fresh copy (a `Request` is `Clone`).
+    fn clone_box(&self) -> Box<dyn TokenHook>;
+}
+
+/// A request's [`TokenHook`]. Clones are independent; two hooks are equal only if they are the
+/// same object.
+pub struct Hook(pub Box<dyn TokenHook>);
+
+impl Hook {
+    pub fn new(hook: impl TokenHook + 'static) -> Self {
+        Self(Box::new(hook))
+    }
+}
+
+impl Clone for Hook {
+    fn clone(&self) -> Self {
+        Self(self.0.clone_box())
+    }
+}
+
+impl std::fmt::Debug for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hook(..)")
+    }
+}
+
+impl PartialEq for Hook {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::addr_eq(self.0.as_ref(), other.0.as_ref())
+    }
 }
 
 impl Request {
@@ -41,6 +85,7 @@ impl Request {
             ignore_eos: false,
             logprobs: None,
             prompt_logprobs: None,
+            hook: None,
         }
     }
 }
@@ -113,6 +158,7 @@ pub struct Sequence {
     pub(crate) block_table: BlockTable,
     pub(crate) status: SeqStatus,
     pub(crate) forced: VecDeque<u32>,
+    pub(crate) hook: Option<Box<dyn TokenHook>>,
     pub(crate) sampler: Sampler,
     /// Prompt scores gathered so far (chunked prefill fills them chunk by chunk).
     pub(crate) prompt_scores: Vec<Option<TokenLogprob>>,
@@ -148,6 +194,13 @@ impl Sequence {
         if !request.ignore_eos {
             stop_ids.extend_from_slice(eos_token_ids);
         }
+        let mut hook = request.hook.map(|h| h.0);
+        let start = match hook.as_mut() {
+            Some(h) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| h.on_start()))
+                .map_err(|_| EngineError::InvalidRequest("the request's token hook panicked".into()))?,
+            None => None,
+        };
+        let forced: VecDeque<u32> = start.unwrap_or_default().into();
         let prompt_len = request.prompt.len();
         let mut tokens = request.prompt;
         tokens.reserve(request.max_tokens);
@@ -164,7 +217,8 @@ impl Sequence {
             admitted_once: false,
             block_table: BlockTable::default(),
             status: SeqStatus::Waiting,
-            forced: VecDeque::new(),
+            forced,
+            hook,
             sampler,
             prompt_scores: Vec::new(),
             prompt_scores_sent: false,

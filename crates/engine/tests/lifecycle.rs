@@ -309,3 +309,93 @@ fn stop_token_ids_and_eos_end_generation() {
         "the stop token is emitted, then nothing"
     );
 }
+
+/// Forces `tokens` right after the `after`-th sampled token (and `start` before anything).
+#[derive(Clone)]
+struct ForceAfter {
+    after: usize,
+    tokens: Vec<u32>,
+    start: Vec<u32>,
+    seen: usize,
+}
+
+impl r1serve_engine::TokenHook for ForceAfter {
+    fn on_start(&mut self) -> Option<Vec<u32>> {
+        (!self.start.is_empty()).then(|| self.start.clone())
+    }
+
+    fn on_sampled(&mut self, _token: u32) -> Option<Vec<u32>> {
+        self.seen += 1;
+        (self.seen == self.after).then(|| self.tokens.clone())
+    }
+
+    fn clone_box(&self) -> Box<dyn r1serve_engine::TokenHook> {
+        Box::new(self.clone())
+    }
+}
+
+#[test]
+fn a_hook_forces_tokens_at_exactly_the_step_it_asks() {
+    let engine = small_engine(load("qwen2-f32"));
+    let hook = |after: usize, tokens: Vec<u32>, start: Vec<u32>| {
+        Some(r1serve_engine::Hook::new(ForceAfter {
+            after,
+            tokens,
+            start,
+            seen: 0,
+        }))
+    };
+    let request = Request {
+        ignore_eos: true,
+        hook: hook(3, vec![5, 6], vec![9]),
+        ..greedy(prompt(4, 7, 288), 9)
+    };
+    // Clones are independent: both runs force at the same place.
+    for run in [request.clone(), request] {
+        let (_, rx) = engine.submit(run).unwrap();
+        let out = collect(rx);
+        assert_eq!(out.tokens[0], 9);
+        assert_eq!(&out.tokens[4..6], &[5, 6]);
+        assert_eq!(out.forced, [true, false, false, false, true, true, false, false, false]);
+    }
+    // A hook forcing a token outside the vocabulary fails its request, not the engine.
+    let bad = Request {
+        ignore_eos: true,
+        hook: hook(1, vec![100_000], Vec::new()),
+        ..greedy(prompt(4, 7, 288), 9)
+    };
+    let (_, rx) = engine.submit(bad).unwrap();
+    let out = collect(rx);
+    assert_eq!(out.finish, Some(FinishReason::Error));
+    assert!(out.error.unwrap().contains("100000"));
+    let bad_start = Request {
+        hook: hook(1, Vec::new(), vec![100_000]),
+        ..greedy(prompt(4, 7, 288), 9)
+    };
+    let (_, rx) = engine.submit(bad_start).unwrap();
+    assert_eq!(collect(rx).finish, Some(FinishReason::Error));
+    // A panicking hook fails its request; the engine goes on.
+    let panics = Request {
+        hook: Some(r1serve_engine::Hook::new(Panics)),
+        ..greedy(prompt(4, 7, 288), 9)
+    };
+    let (_, rx) = engine.submit(panics).unwrap();
+    let out = collect(rx);
+    assert_eq!(out.finish, Some(FinishReason::Error));
+    assert!(out.error.unwrap().contains("panicked"));
+    let (_, rx) = engine.submit(greedy(prompt(4, 7, 288), 3)).unwrap();
+    assert_eq!(collect(rx).tokens.len(), 3);
+}
+
+#[derive(Clone)]
+struct Panics;
+
+impl r1serve_engine::TokenHook for Panics {
+    fn on_sampled(&mut self, _token: u32) -> Option<Vec<u32>> {
+        panic!("a buggy hook")
+    }
+
+    fn clone_box(&self) -> Box<dyn r1serve_engine::TokenHook> {
+        Box::new(Panics)
+    }
+}
