@@ -4,53 +4,24 @@ use r1serve_chat::ChatMessage;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::{CommonParams, StopSpec, StreamOptions, UsageInfo};
+use super::{CommonParams, SamplingFields, UsageInfo};
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct ChatCompletionRequest {
+    /// Sampling and stopping fields shared with the other endpoint.
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
     #[serde(default)]
     pub model: Option<String>,
     pub messages: Vec<ChatMessage>,
-    #[serde(default)]
-    pub n: Option<i64>,
     #[serde(default)]
     pub max_tokens: Option<i64>,
     #[serde(default)]
     pub max_completion_tokens: Option<i64>,
     #[serde(default)]
-    pub temperature: Option<f32>,
-    #[serde(default)]
-    pub top_p: Option<f32>,
-    #[serde(default)]
-    pub top_k: Option<i64>,
-    #[serde(default)]
-    pub min_p: Option<f32>,
-    #[serde(default)]
-    pub seed: Option<i64>,
-    #[serde(default)]
-    pub presence_penalty: Option<f32>,
-    #[serde(default)]
-    pub frequency_penalty: Option<f32>,
-    #[serde(default)]
-    pub repetition_penalty: Option<f32>,
-    #[serde(default)]
-    pub stop: Option<StopSpec>,
-    #[serde(default)]
-    pub stop_token_ids: Option<Vec<u32>>,
-    #[serde(default)]
-    pub include_stop_str_in_output: Option<bool>,
-    #[serde(default)]
-    pub ignore_eos: Option<bool>,
-    #[serde(default)]
-    pub stream: Option<bool>,
-    #[serde(default)]
-    pub stream_options: Option<StreamOptions>,
-    #[serde(default)]
     pub logprobs: Option<bool>,
     #[serde(default)]
     pub top_logprobs: Option<i64>,
-    #[serde(default)]
-    pub return_tokens_as_token_ids: Option<bool>,
     #[serde(default)]
     pub tools: Option<Vec<Value>>,
     #[serde(default)]
@@ -71,29 +42,7 @@ pub struct ChatCompletionRequest {
 
 impl ChatCompletionRequest {
     pub fn common(&self) -> CommonParams {
-        CommonParams {
-            n: self.n,
-            max_tokens: self.max_completion_tokens.or(self.max_tokens),
-            temperature: self.temperature,
-            top_p: self.top_p,
-            top_k: self.top_k,
-            min_p: self.min_p,
-            seed: self.seed,
-            presence_penalty: self.presence_penalty,
-            frequency_penalty: self.frequency_penalty,
-            repetition_penalty: self.repetition_penalty,
-            stop: self.stop.clone(),
-            stop_token_ids: self.stop_token_ids.clone(),
-            include_stop_str_in_output: self.include_stop_str_in_output.unwrap_or(false),
-            ignore_eos: self.ignore_eos.unwrap_or(false),
-            stream: self.stream.unwrap_or(false),
-            include_usage: self
-                .stream_options
-                .as_ref()
-                .and_then(|o| o.include_usage)
-                .unwrap_or(false),
-            return_tokens_as_token_ids: self.return_tokens_as_token_ids.unwrap_or(false),
-        }
+        self.sampling.common(self.max_completion_tokens.or(self.max_tokens))
     }
 
     /// Whether tool calls in the reply are parsed into `tool_calls`.

@@ -3,7 +3,7 @@
 use ordered::OrderedMap;
 use serde::{Deserialize, Serialize};
 
-use super::{CommonParams, StopSpec, StreamOptions, UsageInfo};
+use super::{CommonParams, SamplingFields, UsageInfo};
 
 /// `prompt`: a string, a list of strings, token ids, or a list of token-id lists.
 #[derive(Debug, Clone, Deserialize)]
@@ -17,6 +17,9 @@ pub enum PromptInput {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct CompletionRequest {
+    /// Sampling and stopping fields shared with the other endpoint.
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
     #[serde(default)]
     pub model: Option<String>,
     pub prompt: PromptInput,
@@ -30,66 +33,12 @@ pub struct CompletionRequest {
     #[serde(default)]
     pub best_of: Option<i64>,
     #[serde(default)]
-    pub n: Option<i64>,
-    #[serde(default)]
     pub max_tokens: Option<i64>,
-    #[serde(default)]
-    pub temperature: Option<f32>,
-    #[serde(default)]
-    pub top_p: Option<f32>,
-    #[serde(default)]
-    pub top_k: Option<i64>,
-    #[serde(default)]
-    pub min_p: Option<f32>,
-    #[serde(default)]
-    pub seed: Option<i64>,
-    #[serde(default)]
-    pub presence_penalty: Option<f32>,
-    #[serde(default)]
-    pub frequency_penalty: Option<f32>,
-    #[serde(default)]
-    pub repetition_penalty: Option<f32>,
-    #[serde(default)]
-    pub stop: Option<StopSpec>,
-    #[serde(default)]
-    pub stop_token_ids: Option<Vec<u32>>,
-    #[serde(default)]
-    pub include_stop_str_in_output: Option<bool>,
-    #[serde(default)]
-    pub ignore_eos: Option<bool>,
-    #[serde(default)]
-    pub stream: Option<bool>,
-    #[serde(default)]
-    pub stream_options: Option<StreamOptions>,
-    #[serde(default)]
-    pub return_tokens_as_token_ids: Option<bool>,
 }
 
 impl CompletionRequest {
     pub fn common(&self) -> CommonParams {
-        CommonParams {
-            n: self.n,
-            max_tokens: self.max_tokens,
-            temperature: self.temperature,
-            top_p: self.top_p,
-            top_k: self.top_k,
-            min_p: self.min_p,
-            seed: self.seed,
-            presence_penalty: self.presence_penalty,
-            frequency_penalty: self.frequency_penalty,
-            repetition_penalty: self.repetition_penalty,
-            stop: self.stop.clone(),
-            stop_token_ids: self.stop_token_ids.clone(),
-            include_stop_str_in_output: self.include_stop_str_in_output.unwrap_or(false),
-            ignore_eos: self.ignore_eos.unwrap_or(false),
-            stream: self.stream.unwrap_or(false),
-            include_usage: self
-                .stream_options
-                .as_ref()
-                .and_then(|o| o.include_usage)
-                .unwrap_or(false),
-            return_tokens_as_token_ids: self.return_tokens_as_token_ids.unwrap_or(false),
-        }
+        self.sampling.common(self.max_tokens)
     }
 }
 
