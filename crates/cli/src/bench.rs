@@ -45,6 +45,9 @@ pub struct BenchArgs {
     n_gen: usize,
     #[arg(long, default_value_t = 5)]
     repetitions: usize,
+    /// Also decode this many sequences together in one batch per step (aggregate tokens/s).
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -69,6 +72,14 @@ struct Report {
     read_bandwidth_gbs: f64,
     roofline_tps: f64,
     roofline_fraction: f64,
+    /// With `--batch B`: sequences decoded together, their aggregate tokens/s, and the ratio to
+    /// one sequence's tokens/s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    batch: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tg_batch_tps: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    batch_speedup: Option<f64>,
 }
 
 fn median(mut xs: Vec<f64>) -> (f64, f64, f64) {
@@ -103,23 +114,31 @@ fn time_prefill(model: &dyn CausalLm, n: usize) -> anyhow::Result<f64> {
     Ok(n as f64 / start.elapsed().as_secs_f64())
 }
 
-fn time_decode(model: &dyn CausalLm, n: usize) -> anyhow::Result<f64> {
-    let blocks = n.div_ceil(BLOCK_SIZE).max(1);
-    let mut cache = PagedKvCache::new(BLOCK_SIZE, blocks, &model.kv_entry_widths());
-    let table: Vec<u32> = (0..blocks as u32).collect();
-    let tokens = prompt_ids(n, model.info().vocab_size);
+/// Decodes `n` tokens in each of `streams` sequences, one token per sequence per step, all in
+/// one batch; returns the aggregate tokens/s.
+fn time_decode(model: &dyn CausalLm, n: usize, streams: usize) -> anyhow::Result<f64> {
+    let per_seq = n.div_ceil(BLOCK_SIZE).max(1);
+    let mut cache = PagedKvCache::new(BLOCK_SIZE, per_seq * streams, &model.kv_entry_widths());
+    let tables: Vec<Vec<u32>> = (0..streams)
+        .map(|s| (0..per_seq as u32).map(|b| b + (s * per_seq) as u32).collect())
+        .collect();
+    let tokens = prompt_ids(n + streams, model.info().vocab_size);
     let mut logits = Vec::new();
     let start = Instant::now();
-    for (pos, token) in tokens.iter().enumerate() {
-        let seq = SeqInput {
-            tokens: std::slice::from_ref(token),
-            start_pos: pos,
-            block_table: &table,
-            logits: LogitsWanted::Last,
-        };
-        model.forward(&Batch::single(seq), &mut cache, &mut logits)?;
+    for pos in 0..n {
+        let seqs = tables
+            .iter()
+            .enumerate()
+            .map(|(s, table)| SeqInput {
+                tokens: std::slice::from_ref(&tokens[pos + s]),
+                start_pos: pos,
+                block_table: table,
+                logits: LogitsWanted::Last,
+            })
+            .collect();
+        model.forward(&Batch { seqs }, &mut cache, &mut logits)?;
     }
-    Ok(n as f64 / start.elapsed().as_secs_f64())
+    Ok((n * streams) as f64 / start.elapsed().as_secs_f64())
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -133,8 +152,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         (None, None) => bail!("give --model DIR or --config config.json --load-format dummy"),
     };
-    if args.n_prompt == 0 || args.n_gen == 0 || args.repetitions == 0 {
-        bail!("-p, -n and --repetitions must be at least 1");
+    if args.n_prompt == 0 || args.n_gen == 0 || args.repetitions == 0 || args.batch == 0 {
+        bail!("-p, -n, --repetitions and --batch must be at least 1");
     }
     let format = match args.load_format {
         LoadFormatArg::Auto => LoadFormat::Auto,
@@ -156,15 +175,20 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let read_bandwidth_gbs = measure_read_bandwidth(BANDWIDTH_BUFFER_BYTES, 5);
     // One untimed pass of each warms the pages of a memory-mapped or freshly generated model.
     time_prefill(model.as_ref(), args.n_prompt.min(8))?;
-    time_decode(model.as_ref(), 2)?;
+    time_decode(model.as_ref(), 2, 1)?;
     let mut pp = Vec::new();
     let mut tg = Vec::new();
+    let mut tg_batch = Vec::new();
     for _ in 0..args.repetitions {
         pp.push(time_prefill(model.as_ref(), args.n_prompt)?);
-        tg.push(time_decode(model.as_ref(), args.n_gen)?);
+        tg.push(time_decode(model.as_ref(), args.n_gen, 1)?);
+        if args.batch > 1 {
+            tg_batch.push(time_decode(model.as_ref(), args.n_gen, args.batch)?);
+        }
     }
     let (pp_tps, pp_tps_min, pp_tps_max) = median(pp);
     let (tg_tps, tg_tps_min, tg_tps_max) = median(tg);
+    let batched = (args.batch > 1).then(|| median(tg_batch));
     let bytes_per_token = model.weight_bytes_per_token();
     let roofline_tps = read_bandwidth_gbs * 1e9 / bytes_per_token as f64;
     let report = Report {
@@ -185,15 +209,22 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         read_bandwidth_gbs,
         roofline_tps,
         roofline_fraction: tg_tps / roofline_tps,
+        batch: batched.map(|_| args.batch),
+        tg_batch_tps: batched.map(|(m, _, _)| m),
+        batch_speedup: batched.map(|(m, _, _)| m / tg_tps),
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!("| model | format | threads | test | tokens/s (median) | min | max |\n|---|---|---|---|---|---|---|");
-        for (test, (m, lo, hi)) in [
+        let mut rows = vec![
             (format!("pp{}", args.n_prompt), (pp_tps, pp_tps_min, pp_tps_max)),
             (format!("tg{}", args.n_gen), (tg_tps, tg_tps_min, tg_tps_max)),
-        ] {
+        ];
+        if let Some(b) = batched {
+            rows.push((format!("tg{} x{} (aggregate)", args.n_gen, args.batch), b));
+        }
+        for (test, (m, lo, hi)) in rows {
             println!(
                 "| {} | {} | {} | {test} | {m:.2} | {lo:.2} | {hi:.2} |",
                 report.model, report.weight_format, report.threads

@@ -1,0 +1,55 @@
+//! `r1serve bench`: the JSON report's keys, and its byte count checked against the config.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+fn fixture(name: &str) -> String {
+    format!("{}/../../tests/fixtures/{name}/config.json", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn dummy_bench_reports_roofline_keys_and_exact_bytes() {
+    let config_path = fixture("llama-f32");
+    let output = Command::new(env!("CARGO_BIN_EXE_r1serve"))
+        .args(["-t", "1", "bench", "--config", &config_path, "--load-format", "dummy"])
+        .args(["-p", "4", "-n", "3", "--repetitions", "1", "--batch", "2", "--json"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    for key in [
+        "pp_tps",
+        "tg_tps",
+        "read_bandwidth_gbs",
+        "roofline_fraction",
+        "tg_batch_tps",
+        "batch_speedup",
+    ] {
+        let v = report[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key} missing in {report}"));
+        assert!(v.is_finite() && v > 0.0, "{key} = {v}");
+    }
+    // Every matrix a token multiplies by (F32 weights: 4 bytes each) plus one embedding row.
+    let c: Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    let n = |k: &str| c[k].as_u64().unwrap();
+    let (h, heads, kv) = (n("hidden_size"), n("num_attention_heads"), n("num_key_value_heads"));
+    let hd = c["head_dim"].as_u64().unwrap_or(h / heads);
+    let per_layer = h * heads * hd * 2 + h * kv * hd * 2 + 3 * h * n("intermediate_size");
+    let expected = 4 * (n("num_hidden_layers") * per_layer + n("vocab_size") * h + h);
+    assert_eq!(report["bytes_per_token"].as_u64(), Some(expected));
+    let roofline = report["read_bandwidth_gbs"].as_f64().unwrap() * 1e9 / expected as f64;
+    let fraction = report["tg_tps"].as_f64().unwrap() / roofline;
+    assert!((fraction - report["roofline_fraction"].as_f64().unwrap()).abs() < 1e-9);
+}
+
+#[test]
+fn bench_without_weights_is_refused_by_name() {
+    let output = Command::new(env!("CARGO_BIN_EXE_r1serve"))
+        .args(["bench", "--config", &fixture("llama-f32")])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--load-format dummy"));
+}
