@@ -203,12 +203,15 @@ impl Sampler {
         if self.candidates.is_empty() {
             return argmax(logits);
         }
-        // Best first; ties by id so the order (and so the draw) is reproducible.
-        self.candidates
-            .sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if self.params.top_k > 0 {
-            self.candidates.truncate(self.params.top_k);
+        // Best first; ties by id so the order (and so the draw) is reproducible. With top-k, select
+        // the k best first so only they are sorted, not the whole vocabulary.
+        let best_first = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        let k = self.params.top_k;
+        if k > 0 && k < self.candidates.len() {
+            self.candidates.select_nth_unstable_by(k - 1, best_first);
+            self.candidates.truncate(k);
         }
+        self.candidates.sort_unstable_by(best_first);
         let max = self.candidates[0].1;
         let mut total = 0.0f64;
         for c in self.candidates.iter_mut() {

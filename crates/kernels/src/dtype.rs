@@ -27,12 +27,6 @@ pub enum WeightFormat {
 }
 
 impl WeightFormat {
-    /// Bytes per stored element for element formats; for block-quantized formats, bytes per
-    /// block (see [`WeightFormat::block_size`]). Prefer [`WeightFormat::row_bytes`].
-    pub fn element_bytes(self) -> usize {
-        self.block_bytes()
-    }
-
     /// Values per block: 1 for element formats (FP8's scale blocks are stored separately),
     /// 32 for Q8_0 / Q4_0, 256 for the K-quants. A row's length must be a multiple of it.
     pub fn block_size(self) -> usize {

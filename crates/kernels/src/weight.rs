@@ -35,6 +35,17 @@ pub enum WeightError {
     },
 }
 
+impl WeightError {
+    /// A row of `cols` values that does not fill whole blocks of `format`.
+    pub fn not_block_multiple(format: WeightFormat, cols: usize) -> Self {
+        WeightError::NotBlockMultiple {
+            cols,
+            format: format.name(),
+            block: format.block_size(),
+        }
+    }
+}
+
 /// A shared, immutable byte range: a slice of a memory-mapped file, or owned bytes.
 #[derive(Clone)]
 pub struct ByteView {
@@ -101,11 +112,7 @@ impl WeightMatrix {
     /// Wraps stored bytes; checks that their length matches the shape.
     pub fn new(rows: usize, cols: usize, format: WeightFormat, data: ByteView) -> Result<Self, WeightError> {
         if !cols.is_multiple_of(format.block_size()) {
-            return Err(WeightError::NotBlockMultiple {
-                cols,
-                format: format.name(),
-                block: format.block_size(),
-            });
+            return Err(WeightError::not_block_multiple(format, cols));
         }
         let expected = format
             .row_bytes(cols)
@@ -211,33 +218,31 @@ impl WeightMatrix {
     /// Decodes one row into f32 (`out.len() == cols`).
     pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
         debug_assert_eq!(out.len(), self.cols);
-        let bytes = self.data.bytes();
-        let cols = self.cols;
+        let bytes = self.row_bytes(row);
         match self.format {
             WeightFormat::F32 => {
-                for (o, b) in out.iter_mut().zip(bytes[row * cols * 4..].chunks_exact(4)) {
+                for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
                     *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
                 }
             }
             WeightFormat::Bf16 => {
-                for (o, b) in out.iter_mut().zip(bytes[row * cols * 2..].chunks_exact(2)) {
+                for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
                     *o = bf16_to_f32(u16::from_le_bytes([b[0], b[1]]));
                 }
             }
             WeightFormat::F16 => {
-                for (o, b) in out.iter_mut().zip(bytes[row * cols * 2..].chunks_exact(2)) {
+                for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
                     *o = f16_to_f32(u16::from_le_bytes([b[0], b[1]]));
                 }
             }
-            WeightFormat::F8E4M3Block { block_rows, block_cols } => {
-                let scales = self.block_scales.as_deref().unwrap_or(&[]);
-                let scale_row = (row / block_rows) * cols.div_ceil(block_cols);
-                for (j, (o, &b)) in out.iter_mut().zip(&bytes[row * cols..(row + 1) * cols]).enumerate() {
-                    *o = FP8_E4M3_TABLE[b as usize] * scales[scale_row + j / block_cols];
+            WeightFormat::F8E4M3Block { block_cols, .. } => {
+                let scales = self.row_block_scales(row);
+                for (j, (o, &b)) in out.iter_mut().zip(bytes).enumerate() {
+                    *o = FP8_E4M3_TABLE[b as usize] * scales[j / block_cols];
                 }
             }
             WeightFormat::Q8_0 | WeightFormat::Q4_0 | WeightFormat::Q4K | WeightFormat::Q6K => {
-                crate::quant::dequantize(self.format, self.row_bytes(row), out);
+                crate::quant::dequantize(self.format, bytes, out);
             }
         }
     }

@@ -297,18 +297,20 @@ impl ModelDir {
     }
 }
 
+/// A config held in memory, for unit tests of config parsing.
+#[cfg(test)]
+pub(crate) fn dir_with(config: Value) -> ModelDir {
+    ModelDir {
+        dir: PathBuf::from("m"),
+        config_path: PathBuf::from("m/config.json"),
+        config,
+        generation_config: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn dir_with(config: Value) -> ModelDir {
-        ModelDir {
-            dir: PathBuf::from("m"),
-            config_path: PathBuf::from("m/config.json"),
-            config,
-            generation_config: None,
-        }
-    }
 
     #[test]
     fn rope_both_styles_agree() {

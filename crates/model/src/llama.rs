@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use crate::config::ModelDir;
 use crate::error::Result;
-use crate::model::{add_bias, ensure, project_logits, Batch, CausalLm, ModelInfo, ModelSummary};
+use crate::model::{add_bias, embed_batch, ensure, project_logits, Batch, CausalLm, ModelInfo, ModelSummary};
 use crate::weights::WeightStore;
 
 fn default_max_positions() -> usize {
@@ -231,8 +231,7 @@ impl CausalLm for Llama {
                     .sum::<usize>()
             })
             .sum();
-        let embedding_row = self.embed.stored_bytes() / self.embed.rows().max(1);
-        (layers + self.lm_head.stored_bytes() + embedding_row) as u64
+        (layers + self.lm_head.stored_bytes() + self.embed.stored_row_bytes()) as u64
     }
 
     fn weight_format(&self) -> &'static str {
@@ -252,11 +251,7 @@ impl CausalLm for Llama {
         let (q_dim, kv_dim) = (cfg.num_attention_heads * hd, cfg.kv_heads() * hd);
         let mut guard = self.scratch.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let s = &mut *guard;
-        s.ids.clear();
-        s.ids
-            .extend(batch.seqs.iter().flat_map(|seq| seq.tokens.iter().copied()));
-        let x = ensure(&mut s.x, n * h);
-        be.embedding(&self.embed, &s.ids, x);
+        embed_batch(be, &self.embed, batch, &mut s.ids, ensure(&mut s.x, n * h));
         let eps = cfg.rms_norm_eps as f32;
         let scale = 1.0 / (hd as f32).sqrt();
         for (li, layer) in self.layers.iter().enumerate() {

@@ -205,6 +205,19 @@ pub(crate) fn project_logits(
     backend.matmul(normed, lm_head, logits);
 }
 
+/// Gathers the batch's token ids (into the reused `ids`) and their embeddings into `x`.
+pub(crate) fn embed_batch(
+    backend: &dyn Backend,
+    table: &WeightMatrix,
+    batch: &Batch,
+    ids: &mut Vec<u32>,
+    x: &mut [f32],
+) {
+    ids.clear();
+    ids.extend(batch.seqs.iter().flat_map(|seq| seq.tokens.iter().copied()));
+    backend.embedding(table, ids, x);
+}
+
 /// Grows `buf` to `len` (never shrinks, so steady-state decode allocates nothing).
 pub(crate) fn ensure(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
     if buf.len() < len {

@@ -50,10 +50,9 @@ pub async fn completions(
     let prompts = tokenize(&ctx, req.prompt.clone()).await?;
     let mut specs = Vec::new();
     for (p, prompt) in prompts.iter().enumerate() {
-        let room = plan.max_tokens_for(&ctx, prompt.ids.len());
         let max_tokens = match plan.max_tokens {
             Some(max) => max,
-            None => room?.min(DEFAULT_MAX_TOKENS),
+            None => plan.max_tokens_for(&ctx, prompt.ids.len())?.min(DEFAULT_MAX_TOKENS),
         };
         if max_tokens == 0 && !echo {
             return Err(ApiError::invalid_param(

@@ -121,11 +121,6 @@ impl Generation {
         })
     }
 
-    /// Choice indices, in submission order.
-    pub fn indices(&self) -> Vec<usize> {
-        self.seqs.iter().map(|s| s.index).collect()
-    }
-
     /// The next non-empty update of any sequence, with its choice index; `None` once all finished.
     pub async fn next(&mut self) -> Option<(usize, SeqDelta)> {
         loop {

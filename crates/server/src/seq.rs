@@ -189,6 +189,11 @@ impl SeqProcessor {
         if content.is_empty() {
             return;
         }
+        if !self.stop.is_active() {
+            // No stop strings: nothing to hold back or copy.
+            self.route_content(content, delta);
+            return;
+        }
         let out = self.stop.push(content);
         self.route_content(&out.text, delta);
     }

@@ -17,22 +17,31 @@ const TILE: usize = 4;
 
 thread_local! {
     static PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The batch's tokens padded with zero rows to whole tiles (caller's thread).
+    static PADDED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// `out[n, rows] = x[n, cols] · wᵀ` for `n ≥ 1`; best from a few tokens up.
 pub fn gemm(x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
-    let (rows, cols) = (w.rows(), w.cols());
+    let cols = w.cols();
     let n = x.len() / cols;
     // Tokens padded to whole tiles with zeros, so the micro-kernel never needs a remainder path.
     let n_padded = n.div_ceil(TILE) * TILE;
-    let mut padded_storage = Vec::new();
-    let xs: &[f32] = if n_padded == n {
-        x
-    } else {
-        padded_storage.resize(n_padded * cols, 0.0);
-        padded_storage[..n * cols].copy_from_slice(x);
-        &padded_storage
-    };
+    PADDED.with_borrow_mut(|padded| {
+        let xs: &[f32] = if n_padded == n {
+            x
+        } else {
+            padded.clear();
+            padded.extend_from_slice(x);
+            padded.resize(n_padded * cols, 0.0);
+            padded
+        };
+        gemm_padded(xs, n, n_padded, w, out);
+    });
+}
+
+fn gemm_padded(xs: &[f32], n: usize, n_padded: usize, w: &WeightMatrix, out: &mut [f32]) {
+    let (rows, cols) = (w.rows(), w.cols());
     let dst = SharedMut::new(out);
     let isa = isa();
     (0..rows.div_ceil(PANEL_ROWS)).into_par_iter().for_each(|panel_index| {
@@ -40,11 +49,12 @@ pub fn gemm(x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
         let count = PANEL_ROWS.min(rows - first);
         let count_padded = count.div_ceil(TILE) * TILE;
         PANEL.with_borrow_mut(|panel| {
-            panel.clear();
+            // Every real row is overwritten below; only the padding rows need zeros.
             panel.resize(count_padded * cols, 0.0);
             for (i, row) in panel.chunks_exact_mut(cols).take(count).enumerate() {
                 w.dequantize_row(first + i, row);
             }
+            panel[count * cols..].fill(0.0);
             let mut tile = [[0.0f32; TILE]; TILE];
             for r in (0..count_padded).step_by(TILE) {
                 let w_rows = &panel[r * cols..(r + TILE) * cols];

@@ -48,8 +48,8 @@ pub fn matmul(x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
         // Quantised formats take their activations in 8-bit blocks, prepared once per token here
         // rather than once per weight row.
         if format.is_block_quantized() {
-            while prepared.len() < n {
-                prepared.push(PreparedActivations::new(format, &x[..cols]));
+            if prepared.len() < n {
+                prepared.resize_with(n, PreparedActivations::default);
             }
             for (t, p) in prepared.iter_mut().take(n).enumerate() {
                 p.prepare(format, &x[t * cols..(t + 1) * cols]);

@@ -71,11 +71,7 @@ pub fn dequantize(format: WeightFormat, bytes: &[u8], out: &mut [f32]) {
 pub fn quantize(format: WeightFormat, values: &[f32]) -> Result<Vec<u8>, WeightError> {
     let block = format.block_size();
     if block == 1 || !values.len().is_multiple_of(block) {
-        return Err(WeightError::NotBlockMultiple {
-            cols: values.len(),
-            format: format.name(),
-            block,
-        });
+        return Err(WeightError::not_block_multiple(format, values.len()));
     }
     let mut out = Vec::with_capacity(values.len() / block * format.block_bytes());
     for chunk in values.chunks_exact(block) {
@@ -88,26 +84,6 @@ pub fn quantize(format: WeightFormat, values: &[f32]) -> Result<Vec<u8>, WeightE
         }
     }
     Ok(out)
-}
-
-/// `Q8_0` bytes of `values` (a multiple of 32 long), as ggml's `quantize_row_q8_0_ref`.
-pub fn quantize_q8_0(values: &[f32]) -> Result<Vec<u8>, WeightError> {
-    quantize(WeightFormat::Q8_0, values)
-}
-
-/// `Q4_0` bytes of `values` (a multiple of 32 long), as ggml's `quantize_row_q4_0_ref`.
-pub fn quantize_q4_0(values: &[f32]) -> Result<Vec<u8>, WeightError> {
-    quantize(WeightFormat::Q4_0, values)
-}
-
-/// `Q4_K` bytes of `values` (a multiple of 256 long).
-pub fn quantize_q4_k(values: &[f32]) -> Result<Vec<u8>, WeightError> {
-    quantize(WeightFormat::Q4K, values)
-}
-
-/// `Q6_K` bytes of `values` (a multiple of 256 long).
-pub fn quantize_q6_k(values: &[f32]) -> Result<Vec<u8>, WeightError> {
-    quantize(WeightFormat::Q6K, values)
 }
 
 /// Scalar reference: `Σ w·x` over whole blocks of stored `format` bytes with f32 activations,

@@ -136,7 +136,7 @@ fn rms(v: impl Iterator<Item = f32>) -> f64 {
 #[test]
 fn q8_0_round_trip_within_half_a_step() {
     for x in test_rows(QK) {
-        let bytes = quantize_q8_0(&x).unwrap();
+        let bytes = quantize(WeightFormat::Q8_0, &x).unwrap();
         let y = round_trip(WeightFormat::Q8_0, &x);
         for ((xb, yb), block) in x.chunks(QK).zip(y.chunks(QK)).zip(bytes.chunks(q8_0::BLOCK_BYTES)) {
             // q = round(x / d) with the f32 `d`; the stored f16 `d16` moves each value by ≤ 127·|d − d16|.

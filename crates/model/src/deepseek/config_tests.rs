@@ -1,19 +1,9 @@
 //! Config parsing and validation.
 
-use std::path::PathBuf;
-
 use serde_json::{json, Value};
 
 use super::*;
-
-fn dir_with(config: Value) -> ModelDir {
-    ModelDir {
-        dir: PathBuf::from("m"),
-        config_path: PathBuf::from("m/config.json"),
-        config,
-        generation_config: None,
-    }
-}
+use crate::config::dir_with;
 
 fn v3() -> Value {
     json!({

@@ -22,7 +22,7 @@ use r1serve_kernels::{Backend, PagedKvCache, RopeScaling, RopeStyle, RopeTable, 
 
 use crate::config::ModelDir;
 use crate::error::Result;
-use crate::model::{ensure, project_logits, Batch, CausalLm, ModelInfo, ModelSummary};
+use crate::model::{embed_batch, ensure, project_logits, Batch, CausalLm, ModelInfo, ModelSummary};
 use crate::weights::WeightStore;
 use config::DeepseekConfig;
 use mla::{Mla, MlaScratch, MlaShape};
@@ -172,8 +172,7 @@ impl CausalLm for Deepseek {
                     }
             })
             .sum();
-        let embedding_row = self.embed.stored_bytes() / self.embed.rows().max(1);
-        (layers + self.lm_head.stored_bytes() + embedding_row) as u64
+        (layers + self.lm_head.stored_bytes() + self.embed.stored_row_bytes()) as u64
     }
 
     fn weight_format(&self) -> &'static str {
@@ -196,11 +195,7 @@ impl CausalLm for Deepseek {
         let eps = self.cfg.rms_norm_eps;
         let mut guard = self.scratch.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let s = &mut *guard;
-        s.ids.clear();
-        s.ids
-            .extend(batch.seqs.iter().flat_map(|seq| seq.tokens.iter().copied()));
-        let x = ensure(&mut s.x, n * h); // [n, hidden] residual stream
-        be.embedding(&self.embed, &s.ids, x);
+        embed_batch(be, &self.embed, batch, &mut s.ids, ensure(&mut s.x, n * h)); // [n, hidden] residual stream
         for (li, layer) in self.layers.iter().enumerate() {
             let normed = ensure(&mut s.normed, n * h);
             be.rms_norm(&s.x[..n * h], &layer.input_norm, eps, normed);

@@ -215,7 +215,7 @@ mod tests {
             2,
             256,
             WeightFormat::Q4K,
-            ByteView::from_vec(crate::quant::quantize_q4_k(&values).unwrap()),
+            ByteView::from_vec(crate::quant::quantize(WeightFormat::Q4K, &values).unwrap()),
         )
         .unwrap();
         let x: Vec<f32> = (0..256).map(|i| (i as f32 * 0.3).cos()).collect();
