@@ -14,7 +14,6 @@ use crate::block_manager::BlockManager;
 use crate::config::{EngineConfig, Limits};
 use crate::error::EngineError;
 use crate::generate::FinishReason;
-use crate::logprobs::{log_softmax, top_k};
 use crate::metrics::EngineStats;
 use crate::runner::ModelRunner;
 use crate::scheduler::{ScheduledSeq, Scheduler, SchedulerConfig};
@@ -40,12 +39,7 @@ impl Outputs {
     }
 
     fn score(&mut self, row: &[f32], token: u32, k: usize) -> TokenLogprob {
-        log_softmax(row, &mut self.logprobs);
-        TokenLogprob {
-            token,
-            logprob: self.logprobs.get(token as usize).copied().unwrap_or(f32::NEG_INFINITY),
-            top: if k > 0 { top_k(&self.logprobs, k) } else { Vec::new() },
-        }
+        crate::logprobs::score(row, token, k, &mut self.logprobs)
     }
 }
 

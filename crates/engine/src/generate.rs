@@ -5,7 +5,7 @@ use r1serve_kernels::PagedKvCache;
 use r1serve_model::{Batch, CausalLm, LogitsWanted, SeqInput};
 
 use crate::error::EngineError;
-use crate::logprobs::{log_softmax, top_k};
+use crate::logprobs::{log_softmax, score};
 use crate::sampler::{Sampler, SamplingParams};
 
 const BLOCK_SIZE: usize = 16;
@@ -126,10 +126,10 @@ pub fn generate(
     let mut pos = prompt.len();
     while output.tokens.len() < request.max_tokens {
         let next = sampler.sample(&logits);
-        log_softmax(&logits, &mut logprobs);
-        output.token_logprobs.push(logprobs[next as usize]);
+        let scored = score(&logits, next, request.top_logprobs, &mut logprobs);
+        output.token_logprobs.push(scored.logprob);
         if request.top_logprobs > 0 {
-            output.top_logprobs.push(top_k(&logprobs, request.top_logprobs));
+            output.top_logprobs.push(scored.top);
         }
         output.tokens.push(next);
         on_token(next);

@@ -1,5 +1,7 @@
 //! Log-probabilities from logits, NaN-safe.
 
+use crate::sequence::TokenLogprob;
+
 /// `log_softmax(logits)` with the normaliser summed in f64. NaN logits count as -inf.
 pub fn log_softmax(logits: &[f32], out: &mut Vec<f32>) {
     let max = logits
@@ -25,6 +27,17 @@ pub fn log_softmax(logits: &[f32], out: &mut Vec<f32>) {
             .iter()
             .map(|&v| if v.is_nan() { f32::NEG_INFINITY } else { v - lse }),
     );
+}
+
+/// The log-probability of `token` under `row`'s distribution and its `k` best alternatives
+/// (none when `k` is 0); `buf` holds the row's log-softmax afterwards.
+pub fn score(row: &[f32], token: u32, k: usize, buf: &mut Vec<f32>) -> TokenLogprob {
+    log_softmax(row, buf);
+    TokenLogprob {
+        token,
+        logprob: buf.get(token as usize).copied().unwrap_or(f32::NEG_INFINITY),
+        top: if k > 0 { top_k(buf, k) } else { Vec::new() },
+    }
 }
 
 /// The `k` most likely tokens, best first; ties go to the lower id.

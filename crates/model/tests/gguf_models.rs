@@ -4,33 +4,18 @@
 //! rewritten here (fused tensors, Q8_0 weights) load too.
 
 mod gguf_support;
+mod golden_support;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use gguf_support::{Writer, F32, Q8_0};
+use golden_support::{fixtures_dir as fixtures, log_softmax};
 use r1serve_kernels::{CpuBackend, PagedKvCache, WeightFormat};
 use r1serve_model::gguf::GgufFile;
 use r1serve_model::weights::WeightStore;
 use r1serve_model::{load_model, Batch, CausalLm, LogitsWanted, ModelDir, SeqInput};
-use serde::Deserialize;
-
-#[derive(Deserialize)]
-struct Golden {
-    cases: Vec<Case>,
-}
-
-#[derive(Deserialize)]
-struct Case {
-    prompt_ids: Vec<u32>,
-    greedy: Vec<u32>,
-    logprobs: Vec<Vec<f32>>,
-}
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
 
 fn logits(model: &dyn CausalLm, tokens: &[u32]) -> Vec<f32> {
     let blocks = tokens.len().div_ceil(4) + 1;
@@ -70,17 +55,11 @@ fn greedy(model: &dyn CausalLm, prompt: &[u32], n: usize) -> Vec<u32> {
     generated
 }
 
-fn log_softmax(row: &[f32]) -> Vec<f32> {
-    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let lse = row.iter().map(|&v| ((v - max) as f64).exp()).sum::<f64>().ln() as f32 + max;
-    row.iter().map(|&v| v - lse).collect()
-}
-
 /// Loads `gguf` and the safetensors fixture `source`; returns max |Δlogit| over the golden cases
 /// after checking the golden log-probs (≤ 1e-3, as golden.rs) and greedy tokens.
 fn compare(model: &dyn CausalLm, source: &str) -> f32 {
     let dir = fixtures().join(source);
-    let golden: Golden = serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let golden = golden_support::read(&dir);
     let reference = load_model(&dir, Arc::new(CpuBackend)).unwrap();
     assert_eq!(model.info().vocab_size, reference.info().vocab_size);
     assert_eq!(model.info().bos_token_id, reference.info().bos_token_id);

@@ -7,38 +7,17 @@
 //! computed in f32 on exactly the stored (rounded / dequantised) values, so the only difference
 //! left is f32 summation order, the same as for F32 weights.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+mod golden_support;
+
+use golden_support::{fixtures_dir, log_softmax};
 use r1serve_kernels::{CpuBackend, PagedKvCache};
 use r1serve_model::{load_model, Batch, CausalLm, LogitsWanted, SeqInput};
-use serde::Deserialize;
 
 const TOLERANCE: f32 = 1e-3;
 const CACHED_VS_RECOMPUTE_TOLERANCE: f32 = 1e-4;
 const BLOCK_SIZE: usize = 4;
-
-#[derive(Deserialize)]
-struct Golden {
-    cases: Vec<Case>,
-}
-
-#[derive(Deserialize)]
-struct Case {
-    prompt_ids: Vec<u32>,
-    greedy: Vec<u32>,
-    logprobs: Vec<Vec<f32>>,
-}
-
-fn fixtures_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn log_softmax(row: &[f32]) -> Vec<f32> {
-    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let lse = row.iter().map(|&v| ((v - max) as f64).exp()).sum::<f64>().ln() as f32 + max;
-    row.iter().map(|&v| v - lse).collect()
-}
 
 fn argmax(row: &[f32]) -> u32 {
     let mut best = 0;
@@ -60,7 +39,7 @@ fn new_cache(model: &dyn CausalLm, tokens: usize) -> (PagedKvCache, Vec<u32>) {
 /// Runs one fixture; returns the largest |Δlogprob| against the reference.
 fn check_fixture(name: &str) -> f32 {
     let dir = fixtures_dir().join(name);
-    let golden: Golden = serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let golden = golden_support::read(&dir);
     let model = load_model(&dir, Arc::new(CpuBackend)).unwrap_or_else(|e| panic!("{name}: {e}"));
     let vocab = model.info().vocab_size;
     let mut worst = 0.0f32;
@@ -183,7 +162,7 @@ golden_test! {
 #[test]
 fn batched_sequences_match_single() {
     let dir = fixtures_dir().join("qwen2-f32");
-    let golden: Golden = serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let golden = golden_support::read(&dir);
     let model = load_model(&dir, Arc::new(CpuBackend)).unwrap();
     let (a, b) = (&golden.cases[0].prompt_ids, &golden.cases[1].prompt_ids);
     let mut cache = PagedKvCache::new(BLOCK_SIZE, 8, &model.kv_entry_widths());

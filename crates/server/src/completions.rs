@@ -7,6 +7,7 @@ use std::time::Instant;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use futures_util::stream;
+use r1serve_engine::TokenLogprob;
 
 use crate::error::ApiError;
 use crate::extract::JsonBody;
@@ -150,6 +151,20 @@ struct ChoiceState {
 }
 
 impl ChoiceState {
+    /// The logprobs entries of `tokens` (with their scores), when this choice asked for them.
+    fn logprobs_for<'s>(
+        &mut self,
+        names: TokenNames<'_>,
+        tokens: impl Iterator<Item = (u32, Option<&'s TokenLogprob>)>,
+    ) -> Option<CompletionLogprobs> {
+        self.logprobs.as_ref()?;
+        let mut lp = CompletionLogprobs::default();
+        for (id, score) in tokens {
+            self.builder.push(names, id, score, &mut lp);
+        }
+        Some(lp)
+    }
+
     fn new(k: Option<usize>) -> Self {
         Self {
             text: String::new(),
@@ -182,21 +197,17 @@ struct Piece {
 
 impl Output {
     /// The echoed prompt of choice `index` (with its scores when they came).
-    fn echo_piece(&mut self, index: usize, scores: Option<&[Option<r1serve_engine::TokenLogprob>]>) -> Piece {
+    fn echo_piece(&mut self, index: usize, scores: Option<&[Option<TokenLogprob>]>) -> Piece {
         let prompt = &self.prompts[index / self.n];
         let names = TokenNames {
             tokenizer: &self.ctx.tokenizer,
             as_ids: self.as_ids,
         };
-        let choice = &mut self.choices[index];
-        let logprobs = choice.logprobs.as_ref().map(|_| {
-            let mut lp = CompletionLogprobs::default();
-            for (i, &id) in prompt.ids.iter().enumerate() {
-                let score = scores.and_then(|s| s.get(i)).and_then(Option::as_ref);
-                choice.builder.push(names, id, score, &mut lp);
-            }
-            lp
+        let scored = prompt.ids.iter().enumerate().map(|(i, &id)| {
+            let score = scores.and_then(|s| s.get(i)).and_then(Option::as_ref);
+            (id, score)
         });
+        let logprobs = self.choices[index].logprobs_for(names, scored);
         Piece {
             text: prompt.text.clone(),
             logprobs,
@@ -209,14 +220,7 @@ impl Output {
             tokenizer: &self.ctx.tokenizer,
             as_ids: self.as_ids,
         };
-        let choice = &mut self.choices[index];
-        let logprobs = choice.logprobs.as_ref().map(|_| {
-            let mut lp = CompletionLogprobs::default();
-            for t in &delta.tokens {
-                choice.builder.push(names, t.id, t.logprob.as_ref(), &mut lp);
-            }
-            lp
-        });
+        let logprobs = self.choices[index].logprobs_for(names, delta.tokens.iter().map(|t| (t.id, t.logprob.as_ref())));
         Piece {
             text: delta.content.unwrap_or_default(),
             logprobs,
