@@ -41,7 +41,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn billions(n: u64) -> String {
+pub(crate) fn billions(n: u64) -> String {
     if n >= 1_000_000_000 {
         format!("{:.2}B", n as f64 / 1e9)
     } else {

@@ -1,6 +1,10 @@
 //! `r1serve`: run DeepSeek-R1-family models.
 
 mod bench;
+mod chat;
+mod default_model;
+mod eval;
+mod eval_input;
 mod generate;
 mod inspect;
 mod serve;
@@ -30,6 +34,10 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Serve the OpenAI-compatible HTTP API.
     Serve(serve::ServeArgs),
+    /// Chat with a model in the terminal.
+    Chat(chat::ChatArgs),
+    /// Score a model on a JSONL file of arithmetic problems (and against reference replies).
+    Eval(eval::EvalArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -56,6 +64,8 @@ fn main() -> anyhow::Result<()> {
         Command::Inspect(args) => inspect::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Chat(args) => chat::run(args),
+        Command::Eval(args) => eval::run(args),
     }
 }
 

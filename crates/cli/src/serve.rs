@@ -17,15 +17,15 @@ use tracing::{error, info, warn};
 #[derive(Args, Clone)]
 pub struct ServeArgs {
     /// Model directory (config.json + safetensors + tokenizer.json) or a .gguf file next to a
-    /// tokenizer.json.
+    /// tokenizer.json (default: the embedded r1-tiny).
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
     /// 0 picks a free port (logged at start).
     #[arg(long, default_value_t = 8000)]
     port: u16,
-    /// The name clients pass as `model` (default: the --model argument).
+    /// The name clients pass as `model` (default: the --model argument, or r1-tiny).
     #[arg(long)]
     served_model_name: Option<String>,
     /// Require `Authorization: Bearer KEY` on /v1/* (also read from R1SERVE_API_KEY).
@@ -78,7 +78,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         served_model_name: args
             .served_model_name
             .clone()
-            .unwrap_or_else(|| args.model.display().to_string()),
+            .unwrap_or_else(|| crate::default_model::display_name(args.model.as_deref())),
         api_key: args
             .api_key
             .clone()
@@ -134,18 +134,9 @@ fn bracket_v6(host: &str) -> String {
     }
 }
 
-/// Loads the weights, tokenizer and template, and starts the engine.
+/// Resolves the model (`--model` or the embedded one) and loads it with the server's limits.
 fn load(args: &ServeArgs) -> anyhow::Result<ModelContext> {
-    let model_dir = r1serve_model::ModelDir::open(&args.model)
-        .with_context(|| format!("cannot open the model {}", args.model.display()))?;
-    let text_dir = text_dir(&args.model);
-    let Some(tokenizer) = Tokenizer::from_model_dir(&text_dir)? else {
-        bail!("{} has no tokenizer.json: the server needs one", text_dir.display());
-    };
-    let template = ChatTemplate::for_model(&text_dir, Some(&tokenizer))?;
-    let options = crate::load_options(r1serve_model::LoadFormat::Auto, args.quant);
-    let model = r1serve_model::load_model_with(&model_dir, &options, Arc::new(CpuBackend))
-        .with_context(|| format!("cannot load the model in {}", args.model.display()))?;
+    let path = crate::default_model::resolve(args.model.as_deref())?;
     let mut config = EngineConfig {
         max_num_seqs: args.max_num_seqs,
         max_num_batched_tokens: args.max_num_batched_tokens,
@@ -155,13 +146,34 @@ fn load(args: &ServeArgs) -> anyhow::Result<ModelContext> {
     if let Some(mib) = args.kv_cache_mib {
         config.kv_cache = KvCacheSize::Bytes(mib.saturating_mul(1 << 20));
     }
+    load_context(&path, args.quant, config)
+}
+
+/// Loads the weights, tokenizer and template, and starts the engine: what `serve`, `chat` and
+/// `eval` all run on.
+pub(crate) fn load_context(
+    path: &Path,
+    quant: Option<r1serve_kernels::WeightFormat>,
+    config: EngineConfig,
+) -> anyhow::Result<ModelContext> {
+    let model_dir =
+        r1serve_model::ModelDir::open(path).with_context(|| format!("cannot open the model {}", path.display()))?;
+    let text_dir = text_dir(path);
+    let Some(tokenizer) = Tokenizer::from_model_dir(&text_dir)? else {
+        bail!("{} has no tokenizer.json: chat templates need one", text_dir.display());
+    };
+    let template = ChatTemplate::for_model(&text_dir, Some(&tokenizer))?;
+    let options = crate::load_options(r1serve_model::LoadFormat::Auto, quant);
+    let model = r1serve_model::load_model_with(&model_dir, &options, Arc::new(CpuBackend))
+        .with_context(|| format!("cannot load the model in {}", path.display()))?;
+    let max_num_seqs = config.max_num_seqs;
     let engine = Engine::start(Arc::from(model), config)?;
     info!(
         template = template.name(),
         reasoning = tokenizer.is_reasoning_model(),
         "tokenizer and chat template loaded"
     );
-    Ok(ModelContext::new(engine, tokenizer, template, args.max_num_seqs)?.with_root(&args.model))
+    Ok(ModelContext::new(engine, tokenizer, template, max_num_seqs)?.with_root(path))
 }
 
 /// Where tokenizer.json and the template live: the model directory, or a .gguf file's folder.

@@ -30,18 +30,19 @@ impl Drop for ServeProcess {
 }
 
 fn spawn_server(extra: &[&str]) -> ServeProcess {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_r1serve"))
-        .args([
-            "serve",
-            "--model",
-            "tests/fixtures/llama-f32",
-            "--port",
-            "0",
-            "--served-model-name",
-            "tiny",
-        ])
-        .args(["--kv-cache-mib", "8"])
-        .args(extra)
+    let args = ["--model", "tests/fixtures/llama-f32", "--served-model-name", "tiny"];
+    spawn_serve(&[&args[..], extra].concat(), None)
+}
+
+/// `r1serve serve --port 0 ARGS`, with `XDG_CACHE_HOME` set to `cache` if given.
+fn spawn_serve(args: &[&str], cache: Option<&Path>) -> ServeProcess {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_r1serve"));
+    if let Some(cache) = cache {
+        command.env("XDG_CACHE_HOME", cache);
+    }
+    let mut child = command
+        .args(["serve", "--port", "0", "--kv-cache-mib", "8"])
+        .args(args)
         .current_dir(repo_root())
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
@@ -244,4 +245,29 @@ fn a_missing_model_exits_non_zero_after_listening() {
         stderr.contains("no-such-model") && !stderr.contains("panicked"),
         "{stderr}"
     );
+}
+
+#[test]
+fn without_a_model_it_serves_the_embedded_r1_tiny() {
+    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("serve-default-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
+    let server = spawn_serve(&[], Some(&cache));
+    wait_healthy(&server.addr);
+    let (status, body) = http(&server.addr, "GET", "/v1/models", None);
+    assert_eq!(status, 200, "{body}");
+    let models: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(models["data"][0]["id"], "r1-tiny", "{body}");
+    let request = json!({"model": "r1-tiny", "messages": [{"role": "user", "content": "What is 12 + 7?"}],
+        "max_tokens": 300});
+    let (status, body) = http(&server.addr, "POST", "/v1/chat/completions", Some(&request));
+    assert_eq!(status, 200, "{body}");
+    let reply: Value = serde_json::from_str(&body).unwrap();
+    let message = &reply["choices"][0]["message"];
+    assert!(
+        message["reasoning_content"].as_str().is_some_and(|r| !r.is_empty()),
+        "{body}"
+    );
+    assert!(message["content"].as_str().is_some_and(|c| c.contains('=')), "{body}");
+    drop(server);
+    let _ = std::fs::remove_dir_all(&cache);
 }

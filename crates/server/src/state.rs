@@ -66,6 +66,15 @@ impl ModelContext {
     pub fn engine(&self) -> &Arc<Engine> {
         &self.engine
     }
+
+    /// For front ends other than HTTP (`r1serve chat`, `eval`) that render and decode themselves.
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.tokenizer
+    }
+
+    pub fn template(&self) -> &ChatTemplate {
+        &self.template
+    }
 }
 
 pub struct AppState {
