@@ -12,6 +12,7 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use r1serve_kernels::cpu;
 use r1serve_kernels::cpu::dot::{dot_row_prepared_with, Isa};
 use r1serve_kernels::{ByteView, PreparedActivations, WeightFormat, WeightMatrix};
 use rand::{Rng, SeedableRng};
@@ -172,9 +173,57 @@ fn matvec(c: &mut Criterion) {
     group.finish();
 }
 
+/// Random weights of `format` in `[-1, 1)`, quantised through the crate's own quantiser.
+fn gemm_weights(format: WeightFormat, rows: usize, cols: usize, rng: &mut rand_chacha::ChaCha8Rng) -> WeightMatrix {
+    let values: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let bytes = match format {
+        WeightFormat::Bf16 => values
+            .iter()
+            .flat_map(|&v| half::bf16::from_f32(v).to_bits().to_le_bytes())
+            .collect(),
+        _ => r1serve_kernels::quant::quantize(format, &values).unwrap(),
+    };
+    WeightMatrix::new(rows, cols, format, ByteView::from_vec(bytes)).unwrap()
+}
+
+/// Prefill-shaped products (`n` tokens × the R1-Distill-Qwen-1.5B projections) on one thread, in
+/// GFLOP/s (2·n·rows·cols per call): the packed GEMMs next to the f32 panels they replace.
+/// Filter e.g. `gemm/BF16`.
+fn gemm(c: &mut Criterion) {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    let mut group = c.benchmark_group("gemm");
+    for format in [
+        WeightFormat::Bf16,
+        WeightFormat::Q8_0,
+        WeightFormat::Q4K,
+        WeightFormat::Q6K,
+    ] {
+        for &(rows, cols) in &[(1536usize, 1536usize), (8960, 1536), (1536, 8960)] {
+            let w = gemm_weights(format, rows, cols, &mut rng);
+            for n in [8usize, 64] {
+                let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+                let mut out = vec![0.0f32; n * rows];
+                group.throughput(Throughput::ElementsAndBytes {
+                    elements: (2 * n * rows * cols) as u64,
+                    bytes: w.stored_bytes() as u64,
+                });
+                let name = |path: &str| format!("{}/{rows}x{cols}/n{n}/{path}", format.name());
+                group.bench_function(name("f32_panels"), |b| {
+                    b.iter(|| pool.install(|| cpu::gemm_f32_panels(&x, &w, &mut out)))
+                });
+                group.bench_function(name("matmul"), |b| {
+                    b.iter(|| pool.install(|| cpu::matmul(&x, &w, &mut out)))
+                });
+            }
+        }
+    }
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(10);
-    targets = memory_read, matvec
+    targets = memory_read, matvec, gemm
 }
 criterion_main!(benches);

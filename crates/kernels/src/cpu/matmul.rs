@@ -4,9 +4,11 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::dot::{dot_row, dot_row_prepared, PreparedActivations};
+use super::dot::{dot_row, dot_row_prepared, isa, PreparedActivations};
 use super::gemm::gemm;
+use super::gemm_bf16::{self, gemm_bf16};
 use super::SharedMut;
+use crate::dtype::WeightFormat;
 use crate::weight::WeightMatrix;
 
 /// Below this many multiply-adds the pool costs more than it saves.
@@ -40,7 +42,12 @@ pub fn matmul(x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
         GEMM_MIN_TOKENS
     };
     if n >= gemm_min && rows * cols * n >= PARALLEL_MIN_WORK {
-        gemm(x, w, out);
+        let isa = isa();
+        if w.format() == WeightFormat::Bf16 && gemm_bf16::available(isa) {
+            gemm_bf16(isa, x, w, out);
+        } else {
+            gemm(x, w, out);
+        }
         return;
     }
     let format = w.format();
@@ -88,29 +95,38 @@ pub fn matmul(x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dtype::WeightFormat;
     use crate::weight::ByteView;
     use rand::{Rng, SeedableRng};
 
-    fn reference(x: &[f32], w: &[f64], rows: usize, cols: usize) -> Vec<f64> {
+    /// `(Σ x·w, Σ|x·w|)` per output.
+    fn reference(x: &[f32], w: &[f64], rows: usize, cols: usize) -> Vec<(f64, f64)> {
         let n = x.len() / cols;
-        let mut out = vec![0.0; n * rows];
+        let mut out = vec![(0.0, 0.0); n * rows];
         for t in 0..n {
             for r in 0..rows {
-                out[t * rows + r] = (0..cols).map(|c| x[t * cols + c] as f64 * w[r * cols + c]).sum();
+                let terms = (0..cols).map(|c| x[t * cols + c] as f64 * w[r * cols + c]);
+                out[t * rows + r] = terms.fold((0.0, 0.0), |(s, m), v| (s + v, m + v.abs()));
             }
         }
         out
     }
 
+    /// Within `1e-4 · (1 + |exact|)`; BF16 weights through the BF16 GEMM (activations rounded to
+    /// BF16, relative error ≤ 2⁻⁹ each) within `(2⁻⁹ + 1e-5) · Σ|x·w|`.
     fn check(w: &WeightMatrix, decoded: &[f64], n: usize, seed: u64) {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let x: Vec<f32> = (0..n * w.cols()).map(|_| rng.random_range(-1.0..1.0)).collect();
         let mut out = vec![0.0f32; n * w.rows()];
         matmul(&x, w, &mut out);
         let expected = reference(&x, decoded, w.rows(), w.cols());
-        for (a, b) in out.iter().zip(&expected) {
-            assert!((*a as f64 - b).abs() < 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+        let bf16_activations = w.format() == WeightFormat::Bf16 && gemm_bf16::available(isa()) && n >= GEMM_MIN_TOKENS;
+        for (a, &(b, magnitude)) in out.iter().zip(&expected) {
+            let tolerance = if bf16_activations {
+                (1.0 / 512.0 + 1e-5) * magnitude
+            } else {
+                1e-4 * (1.0 + b.abs())
+            };
+            assert!((*a as f64 - b).abs() <= tolerance, "{:?} n={n}: {a} vs {b}", w.format());
         }
     }
 

@@ -5,7 +5,9 @@ pub mod bandwidth;
 pub mod dot;
 mod elementwise;
 mod gemm;
+pub mod gemm_bf16;
 mod matmul;
+mod pack;
 
 use crate::backend::{AttentionLayout, Backend, SeqSpan};
 use crate::kv_cache::PagedKvCache;
@@ -14,6 +16,7 @@ use crate::weight::WeightMatrix;
 
 pub use attention::attention;
 pub use elementwise::{add_assign, rms_norm, silu_mul};
+pub use gemm::gemm as gemm_f32_panels;
 pub use matmul::matmul;
 
 /// A raw pointer that parallel tasks use to write disjoint parts of one output buffer.
@@ -27,6 +30,13 @@ unsafe impl Sync for SharedMut {}
 impl SharedMut {
     pub(crate) fn new(out: &mut [f32]) -> Self {
         Self(out.as_mut_ptr())
+    }
+
+    /// The start of the output, for kernels that store vectors; the same rules as [`Self::write`]
+    /// apply to every element written through it.
+    #[inline(always)]
+    pub(crate) fn ptr(self) -> *mut f32 {
+        self.0
     }
 
     /// # Safety

@@ -1,0 +1,296 @@
+//! BF16 weights × many tokens with `vdpbf16ps` (AVX512-BF16): prefill and batched decode.
+//!
+//! Weights are used as stored (no f32 decode): each panel of 32 rows is transposed once into
+//! steps of one BF16 pair per row ([`super::pack::transpose16`]), and activations are rounded
+//! once per matmul to BF16 pairs. The micro-kernel holds up to 12 tokens × 32 rows of f32
+//! accumulators in zmm registers; per pair of `k` it loads two 16-row weight vectors and
+//! broadcasts each token's pair against them, so no horizontal sums are needed.
+//!
+//! Accuracy: products are exact and summed in f32; the only rounding beyond f32 is that of the
+//! activations to BF16 (relative error ≤ 2⁻⁹ each), so a result is within
+//! `2⁻⁹ · Σ|w·x|` (plus f32 summation error) of the exact product with f32 activations.
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use super::dot::Isa;
+use super::pack::{transpose16, AlignedBuf};
+use super::SharedMut;
+use crate::dtype::WeightFormat;
+use crate::weight::WeightMatrix;
+
+/// Rows per panel: two 16-row groups.
+const PANEL_ROWS: usize = 32;
+/// Tokens per micro-kernel tile (24 accumulators).
+const TILE_TOKENS: usize = 12;
+
+thread_local! {
+    /// The batch's activations as BF16 pairs (caller's thread).
+    static ACTIVATIONS: RefCell<AlignedBuf> = RefCell::new(AlignedBuf::default());
+    /// One packed weight panel, and zero rows for a partial one (worker threads).
+    static PANEL: RefCell<(AlignedBuf, Vec<u8>)> = RefCell::new((AlignedBuf::default(), Vec::new()));
+}
+
+/// Whether this GEMM runs on `isa` on this CPU: AVX-512 with AVX512-BF16. (The scalar
+/// micro-kernel exists as the reference for tests.)
+pub fn available(isa: Isa) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        matches!(isa, Isa::Avx512 | Isa::Avx512Vnni) && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = isa;
+        false
+    }
+}
+
+/// `out[n, rows] = x[n, cols] · wᵀ` for BF16 `w`, with activations rounded to BF16. `isa` must be
+/// one of [`Isa::available`]; the BF16 instructions are used when [`available`] says so, the
+/// scalar reference kernel otherwise.
+pub fn gemm_bf16(isa: Isa, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
+    assert_eq!(w.format(), WeightFormat::Bf16);
+    let (rows, k) = (w.rows(), w.cols());
+    let n = x.len() / k.max(1);
+    assert_eq!(out.len(), n * rows, "gemm output must be [n, rows]");
+    let pairs = k.div_ceil(2);
+    let fast = available(isa);
+    ACTIVATIONS.with_borrow_mut(|xb| {
+        xb.resize(n * pairs);
+        let xb = xb.as_mut_slice();
+        for (token, dst) in x.chunks_exact(k).zip(xb.chunks_exact_mut(pairs)) {
+            to_bf16_pairs(fast, token, dst);
+        }
+        let xb: &[u32] = xb;
+        let dst = SharedMut::new(out);
+        (0..rows.div_ceil(PANEL_ROWS)).into_par_iter().for_each(|p| {
+            let first = p * PANEL_ROWS;
+            let count = PANEL_ROWS.min(rows - first);
+            PANEL.with_borrow_mut(|(panel, zeros)| {
+                pack_panel(isa, w, first, count, panel, zeros);
+                let panel = panel.as_slice();
+                let mut t = 0;
+                while t < n {
+                    let tokens = TILE_TOKENS.min(n - t);
+                    let tile = Tile {
+                        w: panel,
+                        pairs,
+                        x: &xb[t * pairs..(t + tokens) * pairs],
+                        out: dst,
+                        out_at: t * rows + first,
+                        out_stride: rows,
+                        count,
+                    };
+                    tile.run(fast, tokens);
+                    t += tokens;
+                }
+            });
+        });
+    });
+}
+
+/// One token's activations rounded (to nearest even) to BF16, as little-endian pairs; an odd
+/// length ends in a pair whose high half is zero.
+fn to_bf16_pairs(fast: bool, x: &[f32], dst: &mut [u32]) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if fast {
+        // SAFETY: `fast` means AVX512-BF16 was detected; the function bounds its accesses.
+        done = unsafe { x86::to_bf16_pairs(x, dst) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = fast;
+    let bits = |i: usize| x.get(i).map_or(0, |&v| half::bf16::from_f32(v).to_bits() as u32);
+    for (j, d) in dst.iter_mut().enumerate().skip(done / 2) {
+        *d = bits(2 * j) | (bits(2 * j + 1) << 16);
+    }
+}
+
+/// Packs rows `first..first + count` (≤ 32) into two groups of `16 × pairs` dwords; rows past
+/// `count` are zeros.
+fn pack_panel(isa: Isa, w: &WeightMatrix, first: usize, count: usize, panel: &mut AlignedBuf, zeros: &mut Vec<u8>) {
+    let pairs = w.cols().div_ceil(2);
+    let row_len = w.row_bytes(first).len();
+    panel.resize(PANEL_ROWS * pairs);
+    if zeros.len() < row_len {
+        zeros.resize(row_len, 0);
+    }
+    for (g, dst) in panel.as_mut_slice().chunks_exact_mut(16 * pairs).enumerate() {
+        let rows: [&[u8]; 16] = std::array::from_fn(|i| {
+            let r = 16 * g + i;
+            if r < count {
+                w.row_bytes(first + r)
+            } else {
+                &zeros[..row_len]
+            }
+        });
+        transpose16(isa, &rows, dst);
+    }
+}
+
+/// A tile of tokens against one packed panel, written to `out[out_at + t·out_stride + r]` for
+/// `r < count`.
+struct Tile<'a> {
+    w: &'a [u32],
+    pairs: usize,
+    x: &'a [u32],
+    out: SharedMut,
+    out_at: usize,
+    out_stride: usize,
+    count: usize,
+}
+
+impl Tile<'_> {
+    fn run(&self, fast: bool, tokens: usize) {
+        assert!(self.w.len() >= PANEL_ROWS * self.pairs && self.x.len() >= tokens * self.pairs);
+        #[cfg(target_arch = "x86_64")]
+        if fast {
+            macro_rules! dispatch {
+                ($($t:literal)*) => {
+                    match tokens {
+                        // SAFETY: `fast` means AVX512-BF16 was detected; the assert above bounds
+                        // the loads, and the caller owns rows `count` of the output for `tokens`.
+                        $($t => unsafe { x86::tile::<$t>(self) },)*
+                        _ => unreachable!("tiles hold 1..=TILE_TOKENS tokens"),
+                    }
+                };
+            }
+            dispatch!(1 2 3 4 5 6 7 8 9 10 11 12);
+            return;
+        }
+        let _ = fast;
+        let bf = |v: u32| half::bf16::from_bits(v as u16).to_f32();
+        for t in 0..tokens {
+            for r in 0..self.count {
+                let (g, i) = (r / 16, r % 16);
+                let wg = &self.w[g * 16 * self.pairs..];
+                let mut sum = 0.0f32;
+                for j in 0..self.pairs {
+                    let (a, b) = (wg[16 * j + i], self.x[t * self.pairs + j]);
+                    sum += bf(a) * bf(b) + bf(a >> 16) * bf(b >> 16);
+                }
+                // SAFETY: the caller owns rows `..count` of this tile's tokens in the output.
+                unsafe { self.out.write(self.out_at + t * self.out_stride + r, sum) };
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::Tile;
+
+    /// Rounds 16 floats at a time; returns how many values were converted (a multiple of 32, so
+    /// that every pair written is whole).
+    #[target_feature(enable = "avx512f,avx512bf16,avx512vl")]
+    pub(super) unsafe fn to_bf16_pairs(x: &[f32], dst: &mut [u32]) -> usize {
+        let full = (x.len() / 32 * 32).min(dst.len() * 2 / 32 * 32);
+        let mut i = 0;
+        while i < full {
+            // SAFETY: `i + 32 <= full`: 32 floats in `x`, 16 dwords in `dst`.
+            unsafe {
+                let lo = _mm512_loadu_ps(x.as_ptr().add(i));
+                let hi = _mm512_loadu_ps(x.as_ptr().add(i + 16));
+                // The second operand fills the low half: x[i..i + 16] first, in order.
+                let v = _mm512_cvtne2ps_pbh(hi, lo);
+                _mm512_storeu_si512(
+                    dst.as_mut_ptr().add(i / 2) as *mut _,
+                    std::mem::transmute::<__m512bh, __m512i>(v),
+                );
+            }
+            i += 32;
+        }
+        full
+    }
+
+    /// `T` tokens × 32 rows: 2·T accumulators; per pair of `k`, two weight loads and `T`
+    /// broadcasts.
+    #[target_feature(enable = "avx512f,avx512bf16,avx512vl")]
+    pub(super) unsafe fn tile<const T: usize>(tile: &Tile<'_>) {
+        let pairs = tile.pairs;
+        let (w0, w1) = (tile.w.as_ptr(), tile.w[16 * pairs..].as_ptr());
+        let x = tile.x.as_ptr();
+        let mut acc = [[_mm512_setzero_ps(); 2]; T];
+        for j in 0..pairs {
+            // SAFETY: `j < pairs`: both groups hold `16 · pairs` dwords and each of the `T`
+            // tokens `pairs` (checked by `Tile::run`).
+            unsafe {
+                let a0: __m512bh = std::mem::transmute(_mm512_loadu_si512(w0.add(16 * j) as *const _));
+                let a1: __m512bh = std::mem::transmute(_mm512_loadu_si512(w1.add(16 * j) as *const _));
+                for (t, acc) in acc.iter_mut().enumerate() {
+                    let b: __m512bh = std::mem::transmute(_mm512_set1_epi32(*x.add(t * pairs + j) as i32));
+                    acc[0] = _mm512_dpbf16_ps(acc[0], a0, b);
+                    acc[1] = _mm512_dpbf16_ps(acc[1], a1, b);
+                }
+            }
+        }
+        let out = tile.out.ptr();
+        for (t, acc) in acc.iter().enumerate() {
+            for (g, &v) in acc.iter().enumerate() {
+                let valid = tile.count.saturating_sub(16 * g).min(16);
+                let mask: __mmask16 = if valid == 16 { 0xffff } else { (1u16 << valid) - 1 };
+                // SAFETY: the caller owns outputs `out_at + t·stride + r` for `r < count`.
+                unsafe { _mm512_mask_storeu_ps(out.add(tile.out_at + t * tile.out_stride + 16 * g), mask, v) };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::weight::ByteView;
+    use rand::{Rng, SeedableRng};
+
+    /// Every ISA (the BF16 instructions where available, the scalar reference otherwise) against
+    /// f64 sums: within `1e-5 · Σ|w·x̂|` of the exact product with the BF16-rounded activations
+    /// `x̂`, and within `(2⁻⁹ + 1e-5) · Σ|w·x|` of the product with the f32 activations.
+    #[test]
+    fn every_isa_matches_f64_reference() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        // Odd k, k not a multiple of 32, partial panels (rows % 32, rows < 16), every tile size.
+        for &(rows, k, n) in &[
+            (5usize, 7usize, 1usize),
+            (33, 64, 13),
+            (70, 131, 25),
+            (16, 300, 12),
+            (47, 96, 3),
+        ] {
+            let bf: Vec<u16> = (0..rows * k)
+                .map(|_| half::bf16::from_f32(rng.random_range(-2.0..2.0)).to_bits())
+                .collect();
+            let bytes = bf.iter().flat_map(|b| b.to_le_bytes()).collect();
+            let w = WeightMatrix::new(rows, k, WeightFormat::Bf16, ByteView::from_vec(bytes)).unwrap();
+            let wf: Vec<f64> = bf.iter().map(|&b| half::bf16::from_bits(b).to_f64()).collect();
+            let x: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let xr: Vec<f64> = x.iter().map(|&v| half::bf16::from_f32(v).to_f64()).collect();
+            for isa in Isa::available() {
+                let mut out = vec![f32::NAN; n * rows];
+                gemm_bf16(isa, &x, &w, &mut out);
+                for t in 0..n {
+                    for r in 0..rows {
+                        let (mut exact, mut exact_r, mut mag) = (0.0, 0.0, 0.0);
+                        for c in 0..k {
+                            exact += wf[r * k + c] * x[t * k + c] as f64;
+                            exact_r += wf[r * k + c] * xr[t * k + c];
+                            mag += (wf[r * k + c] * x[t * k + c] as f64).abs();
+                        }
+                        let got = out[t * rows + r] as f64;
+                        let name = format!("{} rows {rows} k {k} n {n} [{t}][{r}]", isa.name());
+                        assert!(
+                            (got - exact_r).abs() <= 1e-5 * mag + 1e-30,
+                            "{name}: {got} vs {exact_r}"
+                        );
+                        assert!(
+                            (got - exact).abs() <= (1.0 / 512.0 + 1e-5) * mag,
+                            "{name}: {got} vs {exact}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

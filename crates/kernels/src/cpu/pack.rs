@@ -1,0 +1,158 @@
+//! Shared pieces of the packed GEMMs (`gemm_bf16.rs`, `gemm_int8.rs`): a 64-byte aligned scratch
+//! buffer and the dword transpose that packs 16 weight rows into the layout their micro-kernels
+//! read — one 64-byte vector per 4 bytes of `k`, holding those 4 bytes of all 16 rows (BF16:
+//! one pair of weights per row; int8: four), so that one load feeds 16 output rows and a token's
+//! matching 4 bytes are broadcast against it.
+
+use super::dot::Isa;
+
+/// One cache line.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u32; 16]);
+
+/// A growable `[u32]` whose start is 64-byte aligned (contents unspecified until written).
+#[derive(Default)]
+pub(crate) struct AlignedBuf {
+    lines: Vec<Line>,
+    len: usize,
+}
+
+impl AlignedBuf {
+    /// Sets the length to `len` words, keeping the capacity; new words are zero.
+    pub(crate) fn resize(&mut self, len: usize) {
+        self.lines.resize(len.div_ceil(16), Line([0; 16]));
+        self.len = len;
+    }
+
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [u32] {
+        // SAFETY: `lines` holds at least `len` initialised words (`Line` is a plain word array
+        // without padding), and the borrow of `self` guards the memory.
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr() as *mut u32, self.len) }
+    }
+
+    pub(crate) fn as_slice(&self) -> &[u32] {
+        // SAFETY: as in `as_mut_slice`, shared.
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr() as *const u32, self.len) }
+    }
+}
+
+/// Dword `j` of a byte row: its bytes `4j..4j + 4`, little-endian, zero past the end.
+#[inline]
+fn dword(row: &[u8], j: usize) -> u32 {
+    let mut b = [0u8; 4];
+    for (i, v) in b.iter_mut().enumerate() {
+        *v = row.get(4 * j + i).copied().unwrap_or(0);
+    }
+    u32::from_le_bytes(b)
+}
+
+/// `dst[j * 16 + r] = dword j of rows[r]` for `r < 16` and `j < len.div_ceil(4)`, where `len` is
+/// the byte length of every row (a last partial dword is zero-padded): 16 byte rows transposed
+/// into steps of 16 dwords. Rows need no alignment.
+pub(crate) fn transpose16(isa: Isa, rows: &[&[u8]; 16], dst: &mut [u32]) {
+    let len = rows[0].len();
+    let dwords = len.div_ceil(4);
+    assert!(rows.iter().all(|r| r.len() == len) && dst.len() >= 16 * dwords);
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the AVX-512 levels are only produced after detecting avx512f/bw; the asserts
+        // above bound every load and store.
+        Isa::Avx512 | Isa::Avx512Vnni => unsafe { x86::transpose16(rows, len, dst) },
+        _ => {
+            for (j, step) in dst.chunks_exact_mut(16).take(dwords).enumerate() {
+                for (d, row) in step.iter_mut().zip(rows) {
+                    *d = dword(row, j);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// 16×16 dword blocks (64 bytes of each row): two rounds of in-lane unpacks, then two of
+    /// 128-bit lane shuffles. The last block loads only the bytes that exist (masked, zeros
+    /// elsewhere) and stores only its valid dwords.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn transpose16(rows: &[&[u8]; 16], len: usize, dst: &mut [u32]) {
+        let out = dst.as_mut_ptr();
+        let dwords = len.div_ceil(4);
+        let mut j = 0;
+        while j < dwords {
+            let valid = (dwords - j).min(16);
+            let bytes = (len - 4 * j).min(64);
+            let mask: __mmask64 = if bytes == 64 { !0 } else { (1u64 << bytes) - 1 };
+            // SAFETY: bytes `4j..4j + bytes` of every row are in bounds (all rows hold `len`).
+            let r: [__m512i; 16] = std::array::from_fn(|i| unsafe {
+                _mm512_maskz_loadu_epi8(mask, rows[i].as_ptr().add(4 * j) as *const i8)
+            });
+            // t[2p], t[2p+1]: rows 2p, 2p+1 interleaved (elements 4l, 4l+1 / 4l+2, 4l+3 of lane l).
+            let t: [__m512i; 16] = std::array::from_fn(|i| {
+                let (a, b) = (r[i & !1], r[i | 1]);
+                if i % 2 == 0 {
+                    _mm512_unpacklo_epi32(a, b)
+                } else {
+                    _mm512_unpackhi_epi32(a, b)
+                }
+            });
+            // u[4g + e]: rows 4g..4g+4, element 4l + e in lane l.
+            let u: [__m512i; 16] = std::array::from_fn(|i| {
+                let (g, e) = (i / 4, i % 4);
+                let (a, b) = (t[4 * g + e / 2], t[4 * g + 2 + e / 2]);
+                if e % 2 == 0 {
+                    _mm512_unpacklo_epi64(a, b)
+                } else {
+                    _mm512_unpackhi_epi64(a, b)
+                }
+            });
+            for e in 0..4 {
+                let a = _mm512_shuffle_i32x4::<0x44>(u[e], u[4 + e]);
+                let b = _mm512_shuffle_i32x4::<0xee>(u[e], u[4 + e]);
+                let c = _mm512_shuffle_i32x4::<0x44>(u[8 + e], u[12 + e]);
+                let d = _mm512_shuffle_i32x4::<0xee>(u[8 + e], u[12 + e]);
+                let steps = [
+                    (e, _mm512_shuffle_i32x4::<0x88>(a, c)),
+                    (4 + e, _mm512_shuffle_i32x4::<0xdd>(a, c)),
+                    (8 + e, _mm512_shuffle_i32x4::<0x88>(b, d)),
+                    (12 + e, _mm512_shuffle_i32x4::<0xdd>(b, d)),
+                ];
+                for (s, v) in steps {
+                    if s < valid {
+                        // SAFETY: step `j + s < dwords`, and `dst` holds `16 * dwords` dwords.
+                        unsafe { _mm512_storeu_si512(out.add(16 * (j + s)) as *mut _, v) };
+                    }
+                }
+            }
+            j += 16;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transpose_every_isa_and_partial_blocks() {
+        for len in [1usize, 6, 64, 67, 160] {
+            let data: Vec<Vec<u8>> = (0..16)
+                .map(|r| (0..len).map(|i| (r * 31 + i * 7) as u8).collect())
+                .collect();
+            let rows: [&[u8]; 16] = std::array::from_fn(|r| data[r].as_slice());
+            let dwords = len.div_ceil(4);
+            for isa in Isa::available() {
+                let mut dst = vec![u32::MAX; 16 * dwords + 3];
+                transpose16(isa, &rows, &mut dst);
+                for j in 0..dwords {
+                    for r in 0..16 {
+                        assert_eq!(dst[16 * j + r], dword(&data[r], j), "{} len {len}", isa.name());
+                    }
+                }
+                assert!(dst[16 * dwords..].iter().all(|&v| v == u32::MAX));
+            }
+        }
+    }
+}
