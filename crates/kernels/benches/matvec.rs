@@ -187,8 +187,9 @@ fn gemm_weights(format: WeightFormat, rows: usize, cols: usize, rng: &mut rand_c
 }
 
 /// Prefill-shaped products (`n` tokens × the R1-Distill-Qwen-1.5B projections) on one thread, in
-/// GFLOP/s (2·n·rows·cols per call): the packed GEMMs next to the f32 panels they replace.
-/// Filter e.g. `gemm/BF16`.
+/// GFLOP/s (2·n·rows·cols per call): `matmul` (whatever it dispatches to: fused dot products
+/// below its GEMM threshold), the f32 panels the packed GEMMs replace, and the packed GEMM
+/// itself where this CPU runs it. Filter e.g. `gemm/BF16`.
 fn gemm(c: &mut Criterion) {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
@@ -215,6 +216,17 @@ fn gemm(c: &mut Criterion) {
                 group.bench_function(name("matmul"), |b| {
                     b.iter(|| pool.install(|| cpu::matmul(&x, &w, &mut out)))
                 });
+                let isa = cpu::dot::isa();
+                if format == WeightFormat::Bf16 && cpu::gemm_bf16::available(isa) {
+                    group.bench_function(name("gemm_bf16"), |b| {
+                        b.iter(|| pool.install(|| cpu::gemm_bf16::gemm_bf16(isa, &x, &w, &mut out)))
+                    });
+                }
+                if cpu::gemm_int8::supports(&w) && cpu::gemm_int8::available(isa) {
+                    group.bench_function(name("gemm_int8"), |b| {
+                        b.iter(|| pool.install(|| cpu::gemm_int8::gemm_int8(isa, &x, &w, &mut out)))
+                    });
+                }
             }
         }
     }

@@ -7,15 +7,20 @@ use rayon::prelude::*;
 use super::dot::{dot_row, dot_row_prepared, isa, PreparedActivations};
 use super::gemm::gemm;
 use super::gemm_bf16::{self, gemm_bf16};
+use super::gemm_int8::{self, gemm_int8};
 use super::SharedMut;
 use crate::dtype::WeightFormat;
 use crate::weight::WeightMatrix;
 
 /// Below this many multiply-adds the pool costs more than it saves.
 const PARALLEL_MIN_WORK: usize = 1 << 15;
-/// From this many tokens on, decoding float weights once into f32 panels beats fused dot
-/// products.
+/// From this many tokens on, decoding float weights once into f32 panels (or packing BF16 ones
+/// for the BF16 GEMM) beats fused dot products.
 const GEMM_MIN_TOKENS: usize = 4;
+/// From this many tokens on, the integer GEMM beats the integer dot products (one thread, Zen 4,
+/// 8960×1536: at 4 tokens 45 vs 62 GFLOP/s, at 8 tokens 75–83 vs 57–64; packing each panel is
+/// what the small batches pay for).
+const GEMM_MIN_TOKENS_INT8: usize = 6;
 /// The same for block-quantised weights: decoding them to f32 costs more per step than the panels
 /// save until the batch is large (measured on Zen 4: 8 Q4_K sequences decoded at 0.44× one
 /// sequence's rate through the panels, 1.3× through the integer dots; at 64 prompt tokens the
@@ -36,14 +41,19 @@ pub fn matmul(x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
     }
     let n = x.len() / cols;
     assert_eq!(out.len(), n * rows, "matmul output must be [n, rows]");
-    let gemm_min = if w.format().is_block_quantized() {
+    let isa = isa();
+    let int8 = gemm_int8::supports(w) && gemm_int8::available(isa);
+    let gemm_min = if int8 {
+        GEMM_MIN_TOKENS_INT8
+    } else if w.format().is_block_quantized() {
         GEMM_MIN_TOKENS_QUANTIZED
     } else {
         GEMM_MIN_TOKENS
     };
     if n >= gemm_min && rows * cols * n >= PARALLEL_MIN_WORK {
-        let isa = isa();
-        if w.format() == WeightFormat::Bf16 && gemm_bf16::available(isa) {
+        if int8 {
+            gemm_int8(isa, x, w, out);
+        } else if w.format() == WeightFormat::Bf16 && gemm_bf16::available(isa) {
             gemm_bf16(isa, x, w, out);
         } else {
             gemm(x, w, out);
@@ -185,8 +195,10 @@ mod tests {
         }
     }
 
-    /// Quantised formats with 2 and 6 tokens (prepared 8-bit activations) and 33 (f32 panels). Activations rounded to 8 bits move each product by at most half a step, so the
-    /// tolerance is relative to Σ|w·x|.
+    /// Quantised formats with 2 tokens (prepared 8-bit activations), 6 and 33 (the integer GEMM
+    /// with VNNI; otherwise 6 takes the integer dots and 33 the f32 panels). Activations rounded
+    /// to 8 bits move each product by at most half a step, so the tolerance is relative to
+    /// Σ|w·x|.
     #[test]
     fn quantized_formats_against_f64() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(21);

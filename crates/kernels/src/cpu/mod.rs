@@ -6,6 +6,8 @@ pub mod dot;
 mod elementwise;
 mod gemm;
 pub mod gemm_bf16;
+pub mod gemm_int8;
+mod int8_pack;
 mod matmul;
 mod pack;
 

@@ -16,7 +16,7 @@ use crate::dtype::WeightFormat;
 /// Rounds one block to i8 in `out` with `d = max|x| / 127`; returns `d`. Written to vectorize:
 /// rounding (to nearest, ties to even) by adding and subtracting 1.5 · 2²³ rather than calling
 /// `round`, which on baseline x86-64 is a library call per value.
-fn round_block(block: &[f32], out: &mut [i8]) -> f32 {
+pub(crate) fn round_block(block: &[f32], out: &mut [i8]) -> f32 {
     const ROUND: f32 = 12_582_912.0;
     let amax = block.iter().fold(0.0f32, |m, v| if v.abs() > m { v.abs() } else { m });
     let d = amax / 127.0;

@@ -15,6 +15,7 @@ pub mod q4_k;
 pub mod q6_k;
 pub mod q8_0;
 
+pub(crate) use activations::round_block;
 pub use activations::{ActivationFormat, PreparedActivations};
 
 use crate::dtype::{f16_to_f32, WeightFormat};

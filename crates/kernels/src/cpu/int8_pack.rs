@@ -1,0 +1,195 @@
+//! The operands of the integer GEMM (`gemm_int8.rs`) in one common form.
+//!
+//! Every block-quantised weight format is decoded to unsigned bytes `u` with, per block of `BK`
+//! values of `k`, an f32 scale `s` and offset `o` and a format-wide zero point `z`:
+//! `w = s · (u − z) + o`.
+//!
+//! | format | `u`                 | `z`  | `BK` | `s`        | `o`            |
+//! |--------|---------------------|------|------|------------|----------------|
+//! | Q8_0   | `q + 128`           | 128  | 32   | `d`        | 0              |
+//! | Q4_0   | nibble              | 8    | 32   | `d`        | 0              |
+//! | Q4_K   | nibble              | 0    | 32   | `d · sc_j` | `−dmin · m_j`  |
+//! | Q6_K   | six-bit `q`         | 32   | 16   | `d · sc_g` | 0              |
+//!
+//! (`s` and `o` are the very products the scalar decoders form, so `s · (u − z) + o` is the
+//! dequantised weight, bit for bit.) Activations are rounded per 32 values to i8 `q_x` with
+//! `d_x = max|x| / 127`, as [`crate::quant::PreparedActivations`] does for `Q8_0`; per weight
+//! block the GEMM needs `−z · Σq_x` (the integer sum's start, so that `Σ u·q_x` becomes
+//! `Σ (u − z)·q_x`), `d_x`, and `d_x · Σq_x` (for `o`).
+
+use crate::dtype::WeightFormat;
+use crate::quant::{f16_at, q4_0, q4_k, q6_k, q8_0, round_block, QK, QK_K};
+
+/// Values per weight block (one scale each) and the zero point of `format`.
+pub(crate) fn block_and_zero(format: WeightFormat) -> Option<(usize, i32)> {
+    match format {
+        WeightFormat::Q8_0 => Some((32, 128)),
+        WeightFormat::Q4_0 => Some((32, 8)),
+        WeightFormat::Q4K => Some((32, 0)),
+        WeightFormat::Q6K => Some((16, 32)),
+        _ => None,
+    }
+}
+
+/// Decodes one stored row into `u` (`cols` bytes), `s` and `o` (one per `BK` values).
+pub(crate) fn decode_row(format: WeightFormat, bytes: &[u8], u: &mut [u8], s: &mut [f32], o: &mut [f32]) {
+    match format {
+        WeightFormat::Q8_0 => {
+            for ((block, u), s) in bytes.chunks_exact(q8_0::BLOCK_BYTES).zip(u.chunks_exact_mut(QK)).zip(s) {
+                *s = f16_at(block, 0);
+                for (u, &q) in u.iter_mut().zip(&block[2..]) {
+                    *u = q ^ 0x80;
+                }
+            }
+            o.fill(0.0);
+        }
+        WeightFormat::Q4_0 => {
+            for ((block, u), s) in bytes.chunks_exact(q4_0::BLOCK_BYTES).zip(u.chunks_exact_mut(QK)).zip(s) {
+                *s = f16_at(block, 0);
+                let (lo, hi) = u.split_at_mut(QK / 2);
+                for ((l, h), &q) in lo.iter_mut().zip(hi).zip(&block[2..]) {
+                    *l = q & 0x0f;
+                    *h = q >> 4;
+                }
+            }
+            o.fill(0.0);
+        }
+        WeightFormat::Q4K => {
+            let blocks = bytes.chunks_exact(q4_k::BLOCK_BYTES).zip(u.chunks_exact_mut(QK_K));
+            for ((block, u), (s, o)) in blocks.zip(s.chunks_exact_mut(8).zip(o.chunks_exact_mut(8))) {
+                let (d, dmin) = (f16_at(block, 0), f16_at(block, 2));
+                let (sc, m) = q4_k::scales_mins(&block[4..16]);
+                for j in 0..8 {
+                    s[j] = d * sc[j] as f32;
+                    o[j] = -(dmin * m[j] as f32);
+                }
+                for (u, qs) in u.chunks_exact_mut(64).zip(block[16..].chunks_exact(32)) {
+                    let (lo, hi) = u.split_at_mut(32);
+                    for ((l, h), &q) in lo.iter_mut().zip(hi).zip(qs) {
+                        *l = q & 0x0f;
+                        *h = q >> 4;
+                    }
+                }
+            }
+        }
+        WeightFormat::Q6K => {
+            let blocks = bytes.chunks_exact(q6_k::BLOCK_BYTES).zip(u.chunks_exact_mut(QK_K));
+            for ((block, u), s) in blocks.zip(s.chunks_exact_mut(16)) {
+                let d = f16_at(block, 208);
+                for (g, s) in s.iter_mut().enumerate() {
+                    *s = d * block[192 + g] as i8 as f32;
+                }
+                // Half `h`, lane `l`: quarters k = 0..4 take nibble k / 2 of ql[64h + 32(k % 2) + l]
+                // and bits 2k.. of qh[32h + l] (see `q6_k`).
+                for h in 0..2 {
+                    let (ql, qh) = (&block[64 * h..64 * h + 64], &block[128 + 32 * h..160 + 32 * h]);
+                    let u = &mut u[128 * h..128 * h + 128];
+                    for l in 0..32 {
+                        let (a, b, c) = (ql[l], ql[32 + l], qh[l]);
+                        u[l] = (a & 0x0f) | ((c & 3) << 4);
+                        u[32 + l] = (b & 0x0f) | (((c >> 2) & 3) << 4);
+                        u[64 + l] = (a >> 4) | (((c >> 4) & 3) << 4);
+                        u[96 + l] = (b >> 4) | (((c >> 6) & 3) << 4);
+                    }
+                }
+            }
+            o.fill(0.0);
+        }
+        _ => unreachable!("only block-quantised formats are decoded to bytes"),
+    }
+}
+
+/// A batch of tokens rounded to i8 for one weight format: `[token][k]` values and, per token and
+/// weight block, the integer sum's start, `d_x` and `d_x · Σq_x`. Reused across calls.
+#[derive(Default)]
+pub(crate) struct QuantTokens {
+    pub(crate) k: usize,
+    /// Weight blocks per token.
+    pub(crate) blocks: usize,
+    pub(crate) qx: Vec<i8>,
+    pub(crate) init: Vec<i32>,
+    pub(crate) dx: Vec<f32>,
+    pub(crate) dxs: Vec<f32>,
+}
+
+impl QuantTokens {
+    /// Rounds `x` (`[n, k]`, `k` a multiple of 32 and of `block`) for weight blocks of `block`
+    /// values with zero point `zero`.
+    pub(crate) fn prepare(&mut self, x: &[f32], k: usize, block: usize, zero: i32) {
+        let n = x.len() / k;
+        self.k = k;
+        self.blocks = k / block;
+        self.qx.resize(n * k, 0);
+        self.init.resize(n * self.blocks, 0);
+        self.dx.resize(n * self.blocks, 0.0);
+        self.dxs.resize(n * self.blocks, 0.0);
+        let per = QK / block;
+        for (((x, q), (init, dx)), dxs) in x
+            .chunks_exact(QK)
+            .zip(self.qx.chunks_exact_mut(QK))
+            .zip(self.init.chunks_exact_mut(per).zip(self.dx.chunks_exact_mut(per)))
+            .zip(self.dxs.chunks_exact_mut(per))
+        {
+            let d = round_block(x, q);
+            for (((q, init), dx), dxs) in q.chunks_exact(block).zip(init).zip(dx).zip(dxs) {
+                let sum: i32 = q.iter().map(|&q| q as i32).sum();
+                *init = -zero * sum;
+                *dx = d;
+                *dxs = d * sum as f32;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::weight::{ByteView, WeightMatrix};
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn decoded_rows_equal_dequantize() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let cols = 512;
+        let values: Vec<f32> = (0..2 * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+        for format in [
+            WeightFormat::Q8_0,
+            WeightFormat::Q4_0,
+            WeightFormat::Q4K,
+            WeightFormat::Q6K,
+        ] {
+            let w = WeightMatrix::new(
+                2,
+                cols,
+                format,
+                ByteView::from_vec(crate::quant::quantize(format, &values).unwrap()),
+            )
+            .unwrap();
+            let (bk, z) = block_and_zero(format).unwrap();
+            let (mut u, mut s, mut o) = (vec![0u8; cols], vec![0.0; cols / bk], vec![0.0; cols / bk]);
+            let mut expected = vec![0.0; cols];
+            for row in 0..2 {
+                decode_row(format, w.row_bytes(row), &mut u, &mut s, &mut o);
+                w.dequantize_row(row, &mut expected);
+                for (i, &e) in expected.iter().enumerate() {
+                    let got = s[i / bk] * (u[i] as i32 - z) as f32 + o[i / bk];
+                    assert_eq!(got, e, "{format:?} row {row} value {i}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tokens_keep_block_sums() {
+        let x: Vec<f32> = (0..128).map(|i| (i as f32 * 0.7).sin()).collect();
+        let mut t = QuantTokens::default();
+        t.prepare(&x, 64, 16, 32);
+        assert_eq!((t.blocks, t.init.len()), (4, 8));
+        for (b, q) in t.qx.chunks(16).enumerate() {
+            let sum: i32 = q.iter().map(|&q| q as i32).sum();
+            assert_eq!(t.init[b], -32 * sum);
+            assert_eq!(t.dxs[b], t.dx[b] * sum as f32);
+        }
+        assert_eq!(t.dx[0], t.dx[1]);
+    }
+}
