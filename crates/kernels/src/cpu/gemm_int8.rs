@@ -35,10 +35,8 @@ struct Panel {
     q: AlignedBuf,
     s: Vec<f32>,
     o: Vec<f32>,
-    /// Decoding scratch: 32 rows of `u`, one row's scales and offsets.
+    /// Decoding scratch: 32 rows of `u`.
     rows: Vec<u8>,
-    row_s: Vec<f32>,
-    row_o: Vec<f32>,
 }
 
 thread_local! {
@@ -67,7 +65,7 @@ pub fn gemm_int8(isa: Isa, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
     assert_eq!(out.len(), n * rows, "gemm output must be [n, rows]");
     let fast = available(isa);
     TOKENS.with_borrow_mut(|tokens| {
-        tokens.prepare(x, k, bk, zero);
+        tokens.prepare(isa, x, k, bk, zero);
         let tokens = &*tokens;
         let dst = SharedMut::new(out);
         (0..rows.div_ceil(PANEL_ROWS)).into_par_iter().for_each(|p| {
@@ -101,26 +99,24 @@ fn pack_panel(isa: Isa, w: &WeightMatrix, first: usize, count: usize, bk: usize,
     let k = w.cols();
     let blocks = k / bk;
     panel.rows.resize(PANEL_ROWS * k, 0);
-    panel.row_s.resize(blocks, 0.0);
-    panel.row_o.resize(blocks, 0.0);
-    panel.s.clear();
+    // Scales of missing rows must be zero; offsets are only read for formats that have them.
     panel.s.resize(2 * blocks * 16, 0.0);
-    panel.o.clear();
     panel.o.resize(2 * blocks * 16, 0.0);
+    if count < PANEL_ROWS {
+        panel.s.fill(0.0);
+        panel.o.fill(0.0);
+    }
     for r in 0..count {
-        let u = &mut panel.rows[r * k..(r + 1) * k];
+        let (g, i) = (r / 16, r % 16);
+        let at = g * blocks * 16 + i;
         decode_row(
+            isa,
             w.format(),
             w.row_bytes(first + r),
-            u,
-            &mut panel.row_s,
-            &mut panel.row_o,
+            &mut panel.rows[r * k..(r + 1) * k],
+            &mut panel.s[at..],
+            &mut panel.o[at..],
         );
-        let (g, i) = (r / 16, r % 16);
-        for b in 0..blocks {
-            panel.s[(g * blocks + b) * 16 + i] = panel.row_s[b];
-            panel.o[(g * blocks + b) * 16 + i] = panel.row_o[b];
-        }
     }
     let steps = k / 4;
     panel.q.resize(2 * 16 * steps);

@@ -17,6 +17,7 @@
 //! block the GEMM needs `−z · Σq_x` (the integer sum's start, so that `Σ u·q_x` becomes
 //! `Σ (u − z)·q_x`), `d_x`, and `d_x · Σq_x` (for `o`).
 
+use super::dot::Isa;
 use crate::dtype::WeightFormat;
 use crate::quant::{f16_at, q4_0, q4_k, q6_k, q8_0, round_block, QK, QK_K};
 
@@ -31,20 +32,75 @@ pub(crate) fn block_and_zero(format: WeightFormat) -> Option<(usize, i32)> {
     }
 }
 
-/// Decodes one stored row into `u` (`cols` bytes), `s` and `o` (one per `BK` values).
-pub(crate) fn decode_row(format: WeightFormat, bytes: &[u8], u: &mut [u8], s: &mut [f32], o: &mut [f32]) {
+/// Decodes one stored row into `u` (`cols` bytes), `s[16·b]` and `o[16·b]` (block `b` of `BK`
+/// values: the scales land directly in a 16-row group's `[blocks][16]` layout), with the loops
+/// compiled for `isa` (one of [`Isa::available`]). `o` is written only for formats with offsets
+/// (`Q4_K`).
+pub(crate) fn decode_row(isa: Isa, format: WeightFormat, bytes: &[u8], u: &mut [u8], s: &mut [f32], o: &mut [f32]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the AVX-512 levels are only produced after detecting avx512f/bw/vl and avx2;
+        // the code is the safe generic decoder, only compiled for wider registers.
+        Isa::Avx512 | Isa::Avx512Vnni => unsafe { decode_row_avx512(format, bytes, u, s, o) },
+        _ => decode_row_generic(format, bytes, u, s, o),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn decode_row_avx512(format: WeightFormat, bytes: &[u8], u: &mut [u8], s: &mut [f32], o: &mut [f32]) {
+    if format != WeightFormat::Q6K {
+        return decode_row_generic(format, bytes, u, s, o);
+    }
+    use std::arch::x86_64::*;
+    // The bit shuffles of `dot_q6_k_avx512`: `ql` of a half in one register, `qh` broadcast to
+    // both 256-bit halves and shifted per half so that each byte's two bits land on bits 4..6.
+    let (low, high) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(0x30));
+    let shift_a = _mm512_set_epi64(2, 2, 2, 2, 4, 4, 4, 4);
+    let shift_b = _mm512_set_epi64(2, 2, 2, 2, 0, 0, 0, 0);
+    let blocks = bytes.chunks_exact(q6_k::BLOCK_BYTES).zip(u.chunks_exact_mut(QK_K));
+    for ((block, u), s) in blocks.zip(s.chunks_mut(16 * 16)) {
+        let d = f16_at(block, 208);
+        for (g, s) in s.iter_mut().step_by(16).enumerate() {
+            *s = d * block[192 + g] as i8 as f32;
+        }
+        for h in 0..2 {
+            // SAFETY: a super-block holds 210 bytes (ql: 64h..64h + 64, qh: 128 + 32h..+32) and
+            // `u` 256 (128h..128h + 128).
+            unsafe {
+                let ql = _mm512_loadu_si512(block.as_ptr().add(64 * h) as *const _);
+                let qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(block.as_ptr().add(128 + 32 * h) as *const _));
+                let qa = _mm512_or_si512(
+                    _mm512_and_si512(ql, low),
+                    _mm512_and_si512(_mm512_sllv_epi64(qh, shift_a), high),
+                );
+                let qb = _mm512_or_si512(
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(ql), low),
+                    _mm512_and_si512(_mm512_srlv_epi64(qh, shift_b), high),
+                );
+                _mm512_storeu_si512(u.as_mut_ptr().add(128 * h) as *mut _, qa);
+                _mm512_storeu_si512(u.as_mut_ptr().add(128 * h + 64) as *mut _, qb);
+            }
+        }
+    }
+    let _ = o;
+}
+
+#[inline(always)]
+fn decode_row_generic(format: WeightFormat, bytes: &[u8], u: &mut [u8], s: &mut [f32], o: &mut [f32]) {
     match format {
         WeightFormat::Q8_0 => {
-            for ((block, u), s) in bytes.chunks_exact(q8_0::BLOCK_BYTES).zip(u.chunks_exact_mut(QK)).zip(s) {
+            let blocks = bytes.chunks_exact(q8_0::BLOCK_BYTES).zip(u.chunks_exact_mut(QK));
+            for ((block, u), s) in blocks.zip(s.iter_mut().step_by(16)) {
                 *s = f16_at(block, 0);
                 for (u, &q) in u.iter_mut().zip(&block[2..]) {
                     *u = q ^ 0x80;
                 }
             }
-            o.fill(0.0);
         }
         WeightFormat::Q4_0 => {
-            for ((block, u), s) in bytes.chunks_exact(q4_0::BLOCK_BYTES).zip(u.chunks_exact_mut(QK)).zip(s) {
+            let blocks = bytes.chunks_exact(q4_0::BLOCK_BYTES).zip(u.chunks_exact_mut(QK));
+            for ((block, u), s) in blocks.zip(s.iter_mut().step_by(16)) {
                 *s = f16_at(block, 0);
                 let (lo, hi) = u.split_at_mut(QK / 2);
                 for ((l, h), &q) in lo.iter_mut().zip(hi).zip(&block[2..]) {
@@ -52,16 +108,15 @@ pub(crate) fn decode_row(format: WeightFormat, bytes: &[u8], u: &mut [u8], s: &m
                     *h = q >> 4;
                 }
             }
-            o.fill(0.0);
         }
         WeightFormat::Q4K => {
             let blocks = bytes.chunks_exact(q4_k::BLOCK_BYTES).zip(u.chunks_exact_mut(QK_K));
-            for ((block, u), (s, o)) in blocks.zip(s.chunks_exact_mut(8).zip(o.chunks_exact_mut(8))) {
+            for ((block, u), (s, o)) in blocks.zip(s.chunks_mut(8 * 16).zip(o.chunks_mut(8 * 16))) {
                 let (d, dmin) = (f16_at(block, 0), f16_at(block, 2));
                 let (sc, m) = q4_k::scales_mins(&block[4..16]);
                 for j in 0..8 {
-                    s[j] = d * sc[j] as f32;
-                    o[j] = -(dmin * m[j] as f32);
+                    s[16 * j] = d * sc[j] as f32;
+                    o[16 * j] = -(dmin * m[j] as f32);
                 }
                 for (u, qs) in u.chunks_exact_mut(64).zip(block[16..].chunks_exact(32)) {
                     let (lo, hi) = u.split_at_mut(32);
@@ -74,9 +129,9 @@ pub(crate) fn decode_row(format: WeightFormat, bytes: &[u8], u: &mut [u8], s: &m
         }
         WeightFormat::Q6K => {
             let blocks = bytes.chunks_exact(q6_k::BLOCK_BYTES).zip(u.chunks_exact_mut(QK_K));
-            for ((block, u), s) in blocks.zip(s.chunks_exact_mut(16)) {
+            for ((block, u), s) in blocks.zip(s.chunks_mut(16 * 16)) {
                 let d = f16_at(block, 208);
-                for (g, s) in s.iter_mut().enumerate() {
+                for (g, s) in s.iter_mut().step_by(16).enumerate() {
                     *s = d * block[192 + g] as i8 as f32;
                 }
                 // Half `h`, lane `l`: quarters k = 0..4 take nibble k / 2 of ql[64h + 32(k % 2) + l]
@@ -93,7 +148,6 @@ pub(crate) fn decode_row(format: WeightFormat, bytes: &[u8], u: &mut [u8], s: &m
                     }
                 }
             }
-            o.fill(0.0);
         }
         _ => unreachable!("only block-quantised formats are decoded to bytes"),
     }
@@ -114,8 +168,24 @@ pub(crate) struct QuantTokens {
 
 impl QuantTokens {
     /// Rounds `x` (`[n, k]`, `k` a multiple of 32 and of `block`) for weight blocks of `block`
-    /// values with zero point `zero`.
-    pub(crate) fn prepare(&mut self, x: &[f32], k: usize, block: usize, zero: i32) {
+    /// values with zero point `zero`, with the loops compiled for `isa`.
+    pub(crate) fn prepare(&mut self, isa: Isa, x: &[f32], k: usize, block: usize, zero: i32) {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as in `decode_row`: detected features, safe generic code.
+            Isa::Avx512 | Isa::Avx512Vnni => unsafe { self.prepare_avx512(x, k, block, zero) },
+            _ => self.prepare_generic(x, k, block, zero),
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn prepare_avx512(&mut self, x: &[f32], k: usize, block: usize, zero: i32) {
+        self.prepare_generic(x, k, block, zero)
+    }
+
+    #[inline(always)]
+    fn prepare_generic(&mut self, x: &[f32], k: usize, block: usize, zero: i32) {
         let n = x.len() / k;
         self.k = k;
         self.blocks = k / block;
@@ -166,14 +236,16 @@ mod tests {
             )
             .unwrap();
             let (bk, z) = block_and_zero(format).unwrap();
-            let (mut u, mut s, mut o) = (vec![0u8; cols], vec![0.0; cols / bk], vec![0.0; cols / bk]);
+            let (mut u, mut s, mut o) = (vec![0u8; cols], vec![0.0; 16 * cols / bk], vec![0.0; 16 * cols / bk]);
             let mut expected = vec![0.0; cols];
             for row in 0..2 {
-                decode_row(format, w.row_bytes(row), &mut u, &mut s, &mut o);
                 w.dequantize_row(row, &mut expected);
-                for (i, &e) in expected.iter().enumerate() {
-                    let got = s[i / bk] * (u[i] as i32 - z) as f32 + o[i / bk];
-                    assert_eq!(got, e, "{format:?} row {row} value {i}");
+                for isa in Isa::available() {
+                    decode_row(isa, format, w.row_bytes(row), &mut u, &mut s, &mut o);
+                    for (i, &e) in expected.iter().enumerate() {
+                        let got = s[16 * (i / bk)] * (u[i] as i32 - z) as f32 + o[16 * (i / bk)];
+                        assert_eq!(got, e, "{} {format:?} row {row} value {i}", isa.name());
+                    }
                 }
             }
         }
@@ -183,7 +255,7 @@ mod tests {
     fn tokens_keep_block_sums() {
         let x: Vec<f32> = (0..128).map(|i| (i as f32 * 0.7).sin()).collect();
         let mut t = QuantTokens::default();
-        t.prepare(&x, 64, 16, 32);
+        t.prepare(Isa::Scalar, &x, 64, 16, 32);
         assert_eq!((t.blocks, t.init.len()), (4, 8));
         for (b, q) in t.qx.chunks(16).enumerate() {
             let sum: i32 = q.iter().map(|&q| q as i32).sum();
