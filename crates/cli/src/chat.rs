@@ -41,11 +41,13 @@ pub struct ChatArgs {
     /// Default: the model's generation_config.json, else greedy.
     #[arg(long, allow_negative_numbers = true)]
     temperature: Option<f32>,
+    /// Nucleus cut (default: the model's generation_config.json, else 1, no cut).
     #[arg(long, allow_negative_numbers = true)]
     top_p: Option<f32>,
     /// 0 disables the top-k cut.
     #[arg(long)]
     top_k: Option<usize>,
+    /// Makes sampled replies reproducible.
     #[arg(long)]
     seed: Option<u64>,
     /// Reasoning tokens at most before `</think>` is forced.
