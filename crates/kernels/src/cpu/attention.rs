@@ -2,6 +2,8 @@
 
 use rayon::prelude::*;
 
+use super::dot::dot_f32;
+
 use crate::backend::{AttentionLayout, SeqSpan};
 use crate::kv_cache::PagedKvCache;
 
@@ -33,7 +35,7 @@ pub fn attention(
             for pos in 0..=last {
                 let entry = cache.entry(layer, cache.slot(span.block_table, pos));
                 let key = &entry[key_at..key_at + kd];
-                let score = query.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * scale;
+                let score = dot_f32(query, key) * scale;
                 if score > max {
                     // Rescale what was accumulated under the old maximum.
                     let correction = (max - score).exp();

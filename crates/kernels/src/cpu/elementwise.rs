@@ -1,5 +1,7 @@
 //! Row-wise and element-wise ops.
 
+use rayon::prelude::*;
+
 /// Row-wise RMS norm with the sum of squares in f64 for a stable reference-grade mean.
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let dim = weight.len();
@@ -17,9 +19,21 @@ fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
+/// Elements per parallel task of [`silu_mul`] (a prompt's FFN activations are millions).
+const SILU_CHUNK: usize = 1 << 14;
+
 pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
-    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-        *o = silu(g) * u;
+    let run = |(o, (g, u)): (&mut [f32], (&[f32], &[f32]))| {
+        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+            *o = silu(g) * u;
+        }
+    };
+    if out.len() <= SILU_CHUNK {
+        run((out, (gate, up)));
+    } else {
+        out.par_chunks_mut(SILU_CHUNK)
+            .zip(gate.par_chunks(SILU_CHUNK).zip(up.par_chunks(SILU_CHUNK)))
+            .for_each(run);
     }
 }
 

@@ -1,14 +1,21 @@
 //! BF16 weights × many tokens with `vdpbf16ps` (AVX512-BF16): prefill and batched decode.
 //!
 //! Weights are used as stored (no f32 decode): each panel of 32 rows is transposed once into
-//! steps of one BF16 pair per row ([`super::pack::transpose16`]), and activations are rounded
+//! steps of one BF16 pair per row ([`super::pack::transpose16`]), and activations are converted
 //! once per matmul to BF16 pairs. The micro-kernel holds up to 12 tokens × 32 rows of f32
 //! accumulators in zmm registers; per pair of `k` it loads two 16-row weight vectors and
 //! broadcasts each token's pair against them, so no horizontal sums are needed.
 //!
-//! Accuracy: products are exact and summed in f32; the only rounding beyond f32 is that of the
-//! activations to BF16 (relative error ≤ 2⁻⁹ each), so a result is within
-//! `2⁻⁹ · Σ|w·x|` (plus f32 summation error) of the exact product with f32 activations.
+//! Two ways to multiply (the packing is the same):
+//! - by default the BF16 weight pairs are widened in registers (a shift and a mask) and
+//!   multiplied with the f32 activations by `vfmadd231ps`: the very products of the f32 path,
+//!   summed in f32 in another order;
+//! - with `R1SERVE_BF16_ACTIVATIONS=bf16`, activations are rounded once to BF16 (relative error
+//!   ≤ 2⁻⁹ each) and multiplied by `vdpbf16ps`, llama.cpp's choice: twice the multiply-adds per
+//!   instruction, results within `2⁻⁹ · Σ|w·x|` (plus f32 summation error) of the exact product.
+//!   Not the default: on the BF16 golden fixtures it moves logprobs by up to 1e-2 (the
+//!   tolerance is 1e-3), and cached decode (fused dots, f32) then differs from a recompute by
+//!   more than 1e-4 (even with activations split into two BF16 parts, 1.2e-4).
 
 use std::cell::RefCell;
 
@@ -25,8 +32,16 @@ const PANEL_ROWS: usize = 32;
 /// Tokens per micro-kernel tile (24 accumulators).
 const TILE_TOKENS: usize = 12;
 
+/// Whether activations are rounded to BF16 for `vdpbf16ps` (`R1SERVE_BF16_ACTIVATIONS=bf16`)
+/// rather than kept f32.
+pub fn single_rounding() -> bool {
+    static SINGLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SINGLE.get_or_init(|| std::env::var("R1SERVE_BF16_ACTIVATIONS").is_ok_and(|v| v == "bf16"))
+}
+
 thread_local! {
-    /// The batch's activations as BF16 pairs (caller's thread).
+    /// The batch's activations as BF16 pairs or as f32 bits padded to whole pairs, `[token][..]`
+    /// (caller's thread).
     static ACTIVATIONS: RefCell<AlignedBuf> = RefCell::new(AlignedBuf::default());
     /// One packed weight panel, and zero rows for a partial one (worker threads).
     static PANEL: RefCell<(AlignedBuf, Vec<u8>)> = RefCell::new((AlignedBuf::default(), Vec::new()));
@@ -46,22 +61,36 @@ pub fn available(isa: Isa) -> bool {
     }
 }
 
-/// `out[n, rows] = x[n, cols] · wᵀ` for BF16 `w`, with activations rounded to BF16. `isa` must be
-/// one of [`Isa::available`]; the BF16 instructions are used when [`available`] says so, the
-/// scalar reference kernel otherwise.
+/// `out[n, rows] = x[n, cols] · wᵀ` for BF16 `w`, activations rounded to BF16 if
+/// [`single_rounding`], f32 otherwise. `isa` must be one of [`Isa::available`]; the BF16 instructions are used
+/// when [`available`] says so, the scalar reference kernel otherwise.
 pub fn gemm_bf16(isa: Isa, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
+    gemm_bf16_with(isa, single_rounding(), x, w, out)
+}
+
+/// [`gemm_bf16`] with the activations' precision chosen by the caller (`bf16`: rounded to BF16).
+pub fn gemm_bf16_with(isa: Isa, bf16: bool, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
     assert_eq!(w.format(), WeightFormat::Bf16);
     let (rows, k) = (w.rows(), w.cols());
     let n = x.len() / k.max(1);
     assert_eq!(out.len(), n * rows, "gemm output must be [n, rows]");
     let pairs = k.div_ceil(2);
+    let stride = if bf16 { pairs } else { 2 * pairs };
     let fast = available(isa);
     ACTIVATIONS.with_borrow_mut(|xb| {
-        xb.resize(n * pairs);
+        xb.resize(n * stride);
         let xb = xb.as_mut_slice();
-        for (token, dst) in x.chunks_exact(k).zip(xb.chunks_exact_mut(pairs)) {
-            to_bf16_pairs(fast, token, dst);
-        }
+        x.par_chunks_exact(k)
+            .zip(xb.par_chunks_exact_mut(stride))
+            .for_each(|(token, dst)| {
+                if bf16 {
+                    to_bf16_pairs(fast, token, dst);
+                } else {
+                    for (d, &v) in dst.iter_mut().zip(token.iter().chain(std::iter::repeat(&0.0))) {
+                        *d = v.to_bits();
+                    }
+                }
+            });
         let xb: &[u32] = xb;
         let dst = SharedMut::new(out);
         (0..rows.div_ceil(PANEL_ROWS)).into_par_iter().for_each(|p| {
@@ -76,7 +105,8 @@ pub fn gemm_bf16(isa: Isa, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
                     let tile = Tile {
                         w: panel,
                         pairs,
-                        x: &xb[t * pairs..(t + tokens) * pairs],
+                        bf16,
+                        x: &xb[t * stride..(t + tokens) * stride],
                         out: dst,
                         out_at: t * rows + first,
                         out_stride: rows,
@@ -134,6 +164,8 @@ fn pack_panel(isa: Isa, w: &WeightMatrix, first: usize, count: usize, panel: &mu
 struct Tile<'a> {
     w: &'a [u32],
     pairs: usize,
+    /// Whether each token holds `pairs` BF16 pairs rather than `2 · pairs` f32 bits.
+    bf16: bool,
     x: &'a [u32],
     out: SharedMut,
     out_at: usize,
@@ -142,16 +174,27 @@ struct Tile<'a> {
 }
 
 impl Tile<'_> {
+    fn stride(&self) -> usize {
+        if self.bf16 {
+            self.pairs
+        } else {
+            2 * self.pairs
+        }
+    }
+
     fn run(&self, fast: bool, tokens: usize) {
-        assert!(self.w.len() >= PANEL_ROWS * self.pairs && self.x.len() >= tokens * self.pairs);
+        assert!(self.w.len() >= PANEL_ROWS * self.pairs && self.x.len() >= tokens * self.stride());
         #[cfg(target_arch = "x86_64")]
         if fast {
             macro_rules! dispatch {
                 ($($t:literal)*) => {
-                    match tokens {
+                    match (tokens, self.bf16) {
                         // SAFETY: `fast` means AVX512-BF16 was detected; the assert above bounds
                         // the loads, and the caller owns rows `count` of the output for `tokens`.
-                        $($t => unsafe { x86::tile::<$t>(self) },)*
+                        $(
+                            ($t, false) => unsafe { x86::tile::<$t, false>(self) },
+                            ($t, true) => unsafe { x86::tile::<$t, true>(self) },
+                        )*
                         _ => unreachable!("tiles hold 1..=TILE_TOKENS tokens"),
                     }
                 };
@@ -167,8 +210,15 @@ impl Tile<'_> {
                 let wg = &self.w[g * 16 * self.pairs..];
                 let mut sum = 0.0f32;
                 for j in 0..self.pairs {
-                    let (a, b) = (wg[16 * j + i], self.x[t * self.pairs + j]);
-                    sum += bf(a) * bf(b) + bf(a >> 16) * bf(b >> 16);
+                    let a = wg[16 * j + i];
+                    let at = t * self.stride();
+                    sum += if self.bf16 {
+                        let b = self.x[at + j];
+                        bf(a) * bf(b) + bf(a >> 16) * bf(b >> 16)
+                    } else {
+                        let (b0, b1) = (self.x[at + 2 * j], self.x[at + 2 * j + 1]);
+                        bf(a) * f32::from_bits(b0) + bf(a >> 16) * f32::from_bits(b1)
+                    };
                 }
                 // SAFETY: the caller owns rows `..count` of this tile's tokens in the output.
                 unsafe { self.out.write(self.out_at + t * self.out_stride + r, sum) };
@@ -207,23 +257,46 @@ mod x86 {
     }
 
     /// `T` tokens × 32 rows: 2·T accumulators; per pair of `k`, two weight loads and `T`
-    /// broadcasts.
+    /// broadcasts (`BF16`: `vdpbf16ps` on the pairs) or `2·T` (f32: both weights of each pair
+    /// widened, two `vfmadd231ps`).
     #[target_feature(enable = "avx512f,avx512bf16,avx512vl")]
-    pub(super) unsafe fn tile<const T: usize>(tile: &Tile<'_>) {
-        let pairs = tile.pairs;
+    pub(super) unsafe fn tile<const T: usize, const BF16: bool>(tile: &Tile<'_>) {
+        let (pairs, stride) = (tile.pairs, tile.stride());
         let (w0, w1) = (tile.w.as_ptr(), tile.w[16 * pairs..].as_ptr());
         let x = tile.x.as_ptr();
         let mut acc = [[_mm512_setzero_ps(); 2]; T];
         for j in 0..pairs {
             // SAFETY: `j < pairs`: both groups hold `16 · pairs` dwords and each of the `T`
-            // tokens `pairs` (checked by `Tile::run`).
+            // tokens `stride` (checked by `Tile::run`).
             unsafe {
-                let a0: __m512bh = std::mem::transmute(_mm512_loadu_si512(w0.add(16 * j) as *const _));
-                let a1: __m512bh = std::mem::transmute(_mm512_loadu_si512(w1.add(16 * j) as *const _));
-                for (t, acc) in acc.iter_mut().enumerate() {
-                    let b: __m512bh = std::mem::transmute(_mm512_set1_epi32(*x.add(t * pairs + j) as i32));
-                    acc[0] = _mm512_dpbf16_ps(acc[0], a0, b);
-                    acc[1] = _mm512_dpbf16_ps(acc[1], a1, b);
+                let a0 = _mm512_loadu_si512(w0.add(16 * j) as *const _);
+                let a1 = _mm512_loadu_si512(w1.add(16 * j) as *const _);
+                if BF16 {
+                    let (a0, a1) = (
+                        std::mem::transmute::<__m512i, __m512bh>(a0),
+                        std::mem::transmute::<__m512i, __m512bh>(a1),
+                    );
+                    for (t, acc) in acc.iter_mut().enumerate() {
+                        let b: __m512bh = std::mem::transmute(_mm512_set1_epi32(*x.add(t * stride + j) as i32));
+                        acc[0] = _mm512_dpbf16_ps(acc[0], a0, b);
+                        acc[1] = _mm512_dpbf16_ps(acc[1], a1, b);
+                    }
+                } else {
+                    // BF16 → f32 is a 16-bit shift: even elements from the low halves, odd
+                    // from the high halves.
+                    let high = _mm512_set1_epi32(0xffff_0000u32 as i32);
+                    let even =
+                        [_mm512_slli_epi32::<16>(a0), _mm512_slli_epi32::<16>(a1)].map(|v| _mm512_castsi512_ps(v));
+                    let odd = [_mm512_and_si512(a0, high), _mm512_and_si512(a1, high)].map(|v| _mm512_castsi512_ps(v));
+                    let xf = x as *const f32;
+                    for (t, acc) in acc.iter_mut().enumerate() {
+                        let b0 = _mm512_set1_ps(*xf.add(t * stride + 2 * j));
+                        let b1 = _mm512_set1_ps(*xf.add(t * stride + 2 * j + 1));
+                        for g in 0..2 {
+                            acc[g] = _mm512_fmadd_ps(even[g], b0, acc[g]);
+                            acc[g] = _mm512_fmadd_ps(odd[g], b1, acc[g]);
+                        }
+                    }
                 }
             }
         }
@@ -245,9 +318,10 @@ mod tests {
     use crate::weight::ByteView;
     use rand::{Rng, SeedableRng};
 
-    /// Every ISA (the BF16 instructions where available, the scalar reference otherwise) against
-    /// f64 sums: within `1e-5 · Σ|w·x̂|` of the exact product with the BF16-rounded activations
-    /// `x̂`, and within `(2⁻⁹ + 1e-5) · Σ|w·x|` of the product with the f32 activations.
+    /// Every ISA (the BF16 instructions where available, the scalar reference otherwise), both
+    /// activation precisions, against f64 sums. BF16 activations: within `1e-5 · Σ|w·x̂|` of the
+    /// exact product with the rounded activations `x̂`, and within `(2⁻⁹ + 1e-5) · Σ|w·x|` of
+    /// the product with the f32 activations. f32 activations: within `1e-5 · Σ|w·x|` of it.
     #[test]
     fn every_isa_matches_f64_reference() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
@@ -258,6 +332,7 @@ mod tests {
             (70, 131, 25),
             (16, 300, 12),
             (47, 96, 3),
+            (37, 261, 5),
         ] {
             let bf: Vec<u16> = (0..rows * k)
                 .map(|_| half::bf16::from_f32(rng.random_range(-2.0..2.0)).to_bits())
@@ -267,9 +342,9 @@ mod tests {
             let wf: Vec<f64> = bf.iter().map(|&b| half::bf16::from_bits(b).to_f64()).collect();
             let x: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0)).collect();
             let xr: Vec<f64> = x.iter().map(|&v| half::bf16::from_f32(v).to_f64()).collect();
-            for isa in Isa::available() {
+            for (isa, bf16) in Isa::available().into_iter().flat_map(|i| [(i, false), (i, true)]) {
                 let mut out = vec![f32::NAN; n * rows];
-                gemm_bf16(isa, &x, &w, &mut out);
+                gemm_bf16_with(isa, bf16, &x, &w, &mut out);
                 for t in 0..n {
                     for r in 0..rows {
                         let (mut exact, mut exact_r, mut mag) = (0.0, 0.0, 0.0);
@@ -279,15 +354,17 @@ mod tests {
                             mag += (wf[r * k + c] * x[t * k + c] as f64).abs();
                         }
                         let got = out[t * rows + r] as f64;
-                        let name = format!("{} rows {rows} k {k} n {n} [{t}][{r}]", isa.name());
-                        assert!(
-                            (got - exact_r).abs() <= 1e-5 * mag + 1e-30,
-                            "{name}: {got} vs {exact_r}"
-                        );
-                        assert!(
-                            (got - exact).abs() <= (1.0 / 512.0 + 1e-5) * mag,
-                            "{name}: {got} vs {exact}"
-                        );
+                        let name = format!("{} bf16 {bf16} rows {rows} k {k} n {n} [{t}][{r}]", isa.name());
+                        if !bf16 {
+                            assert!((got - exact).abs() <= 1e-5 * mag + 1e-30, "{name}: {got} vs {exact}");
+                        } else {
+                            assert!(
+                                (got - exact_r).abs() <= 1e-5 * mag + 1e-30,
+                                "{name}: {got} vs {exact_r}"
+                            );
+                            let bound = (1.0 / 512.0 + 1e-5) * mag;
+                            assert!((got - exact).abs() <= bound, "{name}: {got} vs {exact}");
+                        }
                     }
                 }
             }

@@ -17,6 +17,8 @@
 //! block the GEMM needs `−z · Σq_x` (the integer sum's start, so that `Σ u·q_x` becomes
 //! `Σ (u − z)·q_x`), `d_x`, and `d_x · Σq_x` (for `o`).
 
+use rayon::prelude::*;
+
 use super::dot::Isa;
 use crate::dtype::WeightFormat;
 use crate::quant::{f16_at, q4_0, q4_k, q6_k, q8_0, round_block, QK, QK_K};
@@ -168,35 +170,57 @@ pub(crate) struct QuantTokens {
 
 impl QuantTokens {
     /// Rounds `x` (`[n, k]`, `k` a multiple of 32 and of `block`) for weight blocks of `block`
-    /// values with zero point `zero`, with the loops compiled for `isa`.
+    /// values with zero point `zero`, tokens spread over the thread pool, with the loops
+    /// compiled for `isa`.
     pub(crate) fn prepare(&mut self, isa: Isa, x: &[f32], k: usize, block: usize, zero: i32) {
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: as in `decode_row`: detected features, safe generic code.
-            Isa::Avx512 | Isa::Avx512Vnni => unsafe { self.prepare_avx512(x, k, block, zero) },
-            _ => self.prepare_generic(x, k, block, zero),
-        }
+        let n = x.len() / k;
+        let blocks = k / block;
+        self.k = k;
+        self.blocks = blocks;
+        self.qx.resize(n * k, 0);
+        self.init.resize(n * blocks, 0);
+        self.dx.resize(n * blocks, 0.0);
+        self.dxs.resize(n * blocks, 0.0);
+        x.par_chunks_exact(k)
+            .zip(self.qx.par_chunks_exact_mut(k))
+            .zip(self.init.par_chunks_exact_mut(blocks))
+            .zip(self.dx.par_chunks_exact_mut(blocks))
+            .zip(self.dxs.par_chunks_exact_mut(blocks))
+            .for_each(|((((x, q), init), dx), dxs)| {
+                let token = Token { x, q, init, dx, dxs };
+                match isa {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: as in `decode_row`: detected features, safe generic code.
+                    Isa::Avx512 | Isa::Avx512Vnni => unsafe { token.round_avx512(block, zero) },
+                    _ => token.round(block, zero),
+                }
+            });
     }
+}
 
+/// One token's share of [`QuantTokens`].
+struct Token<'a> {
+    x: &'a [f32],
+    q: &'a mut [i8],
+    init: &'a mut [i32],
+    dx: &'a mut [f32],
+    dxs: &'a mut [f32],
+}
+
+impl Token<'_> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-    unsafe fn prepare_avx512(&mut self, x: &[f32], k: usize, block: usize, zero: i32) {
-        self.prepare_generic(x, k, block, zero)
+    unsafe fn round_avx512(self, block: usize, zero: i32) {
+        self.round(block, zero)
     }
 
     #[inline(always)]
-    fn prepare_generic(&mut self, x: &[f32], k: usize, block: usize, zero: i32) {
-        let n = x.len() / k;
-        self.k = k;
-        self.blocks = k / block;
-        self.qx.resize(n * k, 0);
-        self.init.resize(n * self.blocks, 0);
-        self.dx.resize(n * self.blocks, 0.0);
-        self.dxs.resize(n * self.blocks, 0.0);
+    fn round(self, block: usize, zero: i32) {
         let per = QK / block;
-        for (((x, q), (init, dx)), dxs) in x
+        for (((x, q), (init, dx)), dxs) in self
+            .x
             .chunks_exact(QK)
-            .zip(self.qx.chunks_exact_mut(QK))
+            .zip(self.q.chunks_exact_mut(QK))
             .zip(self.init.chunks_exact_mut(per).zip(self.dx.chunks_exact_mut(per)))
             .zip(self.dxs.chunks_exact_mut(per))
         {

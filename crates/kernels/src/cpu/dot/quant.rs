@@ -27,7 +27,7 @@ pub(super) fn dot_f32(isa: Isa, format: WeightFormat, bytes: &[u8], x: &[f32]) -
     sum
 }
 
-fn f32_bytes(values: &[f32]) -> &[u8] {
+pub(super) fn f32_bytes(values: &[f32]) -> &[u8] {
     // SAFETY: f32 has no padding or invalid bit patterns as bytes; u8 needs no alignment and the
     // length covers exactly the same memory.
     unsafe { std::slice::from_raw_parts(values.as_ptr() as *const u8, std::mem::size_of_val(values)) }
