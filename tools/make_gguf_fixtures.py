@@ -3,8 +3,8 @@
 
 Usage:  python3 tools/make_gguf_fixtures.py [--only NAME[,NAME...]] [--check]
 
-Needs only `gguf` (pinned in tools/requirements-fixtures.txt) and numpy: no torch, no
-transformers, no network. The safetensors files are parsed by hand (BF16 has no numpy dtype).
+Needs only `gguf`, `tokenizers` (pinned in tools/requirements-fixtures.txt) and numpy: no torch,
+no transformers, no network. The safetensors files are parsed by hand (BF16 has no numpy dtype).
 
 This is an independent writer for r1serve's GGUF loader tests. It follows the conventions of
 llama.cpp's `convert_hf_to_gguf.py`, re-implemented from a reading of that converter (no code
@@ -29,6 +29,13 @@ taken from it), so that a loader bug and a writer bug are unlikely to cancel out
   weights take the output type (F32 or F16).
 
 GGUF dims are written by GGUFWriter in reverse numpy order (ne[0] is the innermost axis).
+
+Two files also carry a tokenizer converted from HF tokenizer files as the converter's
+`get_vocab_base` + `SpecialVocab` do (see write_tokenizer): llama-f32.gguf the llama-f32 fixture's
+own tokenizer.json (GPT-2 split, `pre` "gpt-2"); qwen2-f32.gguf an R1-Distill-Qwen-style tokenizer
+trained here, deterministically (Qwen2 split + NFC, R1's added tokens, BOS prepended, r1serve's
+built-in R1 chat template; `pre` "deepseek-r1-qwen"), whose HF files are kept in
+tests/fixtures/gguf/qwen2-f32-tokenizer/ as the reference. Details: tests/fixtures/gguf/README.md.
 """
 
 import argparse
@@ -52,6 +59,34 @@ FIXTURES = {
     "dsv2-f32": ("dsv2-f32", "f32", False),
     "dsv3-bf16-f16": ("dsv3-bf16", "f16", True),
 }
+
+# fixture -> (directory of the HF tokenizer files, `tokenizer.ggml.pre`)
+R1_TOKENIZER_DIR = OUT / "qwen2-f32-tokenizer"
+TOKENIZERS = {
+    "llama-f32": (SRC / "llama-f32", "gpt-2"),
+    "qwen2-f32": (R1_TOKENIZER_DIR, "deepseek-r1-qwen"),
+}
+BUILTIN_TEMPLATE = ROOT / "crates" / "chat" / "src" / "template" / "builtin_r1.jinja"
+
+# Qwen2's pre-tokenizer split (transformers' Qwen2Converter), kept by R1-Distill-Qwen.
+QWEN2_SPLIT = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+# Added after the 282 trained tokens, in id order; True = special in R1's tokenizer.json.
+R1_ADDED = [
+    ("<｜User｜>", False),
+    ("<｜Assistant｜>", False),
+    ("<｜begin▁of▁sentence｜>", True),
+    ("<｜end▁of▁sentence｜>", True),
+    ("<think>", False),
+    ("</think>", False),
+]
+R1_CORPUS = """\
+A reasoning model thinks before it answers. It writes its thoughts between two tags, then the
+answer the user reads. The server splits the two, so that a client can show the thinking apart
+from the answer, or hide it. Numbers such as 12, 345 and 6789 are split into single digits here.
+Qwen's tokenizer normalises text to NFC first: a letter and its accent become one character.
+"""
 
 ARCH = {
     "LlamaForCausalLM": "llama",
@@ -246,6 +281,108 @@ def write_metadata(w, arch, cfg, name, outtype):
     w.add_eos_token_id(cfg["eos_token_id"])
 
 
+def looks_special(token):
+    """The converter's `does_token_look_special` for the token shapes used here."""
+    return (token.startswith("<|") and token.endswith("|>")) or (token.startswith("<｜") and token.endswith("｜>"))
+
+
+def write_tokenizer(w, directory, pre, cfg):
+    """Tokenizer metadata from an HF tokenizer directory, as llama.cpp's converter writes it."""
+    tok = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
+    added = {t["id"]: t for t in tok["added_tokens"]}
+    by_id = {i: t for t, i in tok["model"]["vocab"].items()}
+    by_id.update({i: t["content"] for i, t in added.items()})
+    tokens, types = [], []
+    for i in range(cfg["vocab_size"]):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            token = added[i]["content"]
+            if added[i]["special"] or looks_special(token):
+                types.append(gguf.TokenType.CONTROL)
+            else:
+                token = token.replace("\u2581", " ")
+                types.append(gguf.TokenType.USER_DEFINED)
+            tokens.append(token)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.NORMAL)
+    merges = []
+    for merge in tok["model"]["merges"]:
+        a, b = merge if isinstance(merge, list) else merge.split(" ")
+        assert " " not in a + b, merge
+        merges.append(f"{a} {b}")
+    add_bos = config.get("add_bos_token")
+    if add_bos is None:
+        post = tok.get("post_processor") or {}
+        for processor in post.get("processors", [post]):
+            if processor.get("type") == "TemplateProcessing":
+                add_bos = "SpecialToken" in processor["single"][0]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    if add_bos is not None:
+        w.add_add_bos_token(bool(add_bos))
+    if "add_eos_token" in config:
+        w.add_add_eos_token(bool(config["add_eos_token"]))
+    if config.get("chat_template"):
+        w.add_chat_template(config["chat_template"])
+
+
+def build_r1_tokenizer(vocab_size, bos_id, eos_id):
+    """The R1-Distill-Qwen-style tokenizer of qwen2-f32.gguf, written to R1_TOKENIZER_DIR."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
+    from tokenizers import pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    n_trained = vocab_size - len(R1_ADDED)
+    trainer = trainers.BpeTrainer(
+        vocab_size=n_trained, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(R1_CORPUS.splitlines(keepends=True), trainer=trainer)
+    assert tok.get_vocab_size() == n_trained, tok.get_vocab_size()
+    for content, special in R1_ADDED:
+        token = AddedToken(content, special=special, normalized=not special)
+        (tok.add_special_tokens if special else tok.add_tokens)([token])
+    ids = [tok.token_to_id(content) for content, _ in R1_ADDED]
+    assert ids == list(range(n_trained, vocab_size)), ids
+    bos, eos = R1_ADDED[2][0], R1_ADDED[3][0]
+    assert (tok.token_to_id(bos), tok.token_to_id(eos)) == (bos_id, eos_id)
+    tok.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1", special_tokens=[(bos, bos_id)]
+            ),
+        ]
+    )
+    R1_TOKENIZER_DIR.mkdir(parents=True, exist_ok=True)
+    tok.save(str(R1_TOKENIZER_DIR / "tokenizer.json"))
+    config = {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": bos,
+        "eos_token": eos,
+        "chat_template": BUILTIN_TEMPLATE.read_text(encoding="utf-8"),
+        "tokenizer_class": "LlamaTokenizerFast",
+    }
+    text = json.dumps(config, ensure_ascii=False, indent=2) + "\n"
+    (R1_TOKENIZER_DIR / "tokenizer_config.json").write_text(text, encoding="utf-8")
+
+
 def gguf_tensors(arch, cfg, tensors, split_kv_b):
     """Yields (gguf name, float32 array) in the converter's order."""
     n_layers = cfg["num_hidden_layers"]
@@ -313,6 +450,11 @@ def convert(out_name, src_name, outtype, split_kv_b):
     path = OUT / f"{out_name}.gguf"
     w = gguf.GGUFWriter(path, arch)
     write_metadata(w, arch, cfg, out_name, outtype)
+    if out_name in TOKENIZERS:
+        directory, pre = TOKENIZERS[out_name]
+        if directory == R1_TOKENIZER_DIR:
+            build_r1_tokenizer(cfg["vocab_size"], cfg["bos_token_id"], cfg["eos_token_id"])
+        write_tokenizer(w, directory, pre, cfg)
     for name, value in gguf_tensors(arch, cfg, tensors, split_kv_b):
         w.add_tensor(name, stored(name, value, outtype))
     w.write_header_to_file()

@@ -46,6 +46,21 @@ impl Tokenizer {
         Ok(Self { inner })
     }
 
+    /// Builds a tokenizer from a `tokenizer.json` held as a JSON value (the one a GGUF file's
+    /// metadata translates to); `origin` names where it came from in errors.
+    pub fn from_json(json: &serde_json::Value, origin: impl Into<std::path::PathBuf>) -> Result<Self, ChatError> {
+        let loaded = serde_json::to_vec(json)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| e.to_string()));
+        match loaded {
+            Ok(inner) => Ok(Self { inner }),
+            Err(message) => Err(ChatError::Load {
+                path: origin.into(),
+                message,
+            }),
+        }
+    }
+
     /// Looks for `tokenizer.json` in a model directory.
     pub fn from_model_dir(dir: &Path) -> Result<Option<Self>, ChatError> {
         let path = dir.join("tokenizer.json");

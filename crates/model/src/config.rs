@@ -40,13 +40,8 @@ impl ModelDir {
     /// (see [`ModelDir::from_gguf`]).
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref().to_owned();
-        if crate::gguf::is_gguf_path(&dir) && !dir.is_dir() {
-            return Self::from_gguf(&dir);
-        }
-        if dir.is_dir() && !dir.join("config.json").exists() {
-            if let Some(gguf) = crate::gguf::single_gguf_in(&dir)? {
-                return Self::from_gguf(&gguf);
-            }
+        if let Some(gguf) = crate::gguf::resolve(&dir)? {
+            return Self::from_gguf(&gguf);
         }
         if !dir.is_dir() {
             return Err(ModelError::Io {

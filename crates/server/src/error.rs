@@ -175,6 +175,9 @@ pub enum ServerError {
     AlreadyReady,
     #[error("the model's tokenizer: {0}")]
     Chat(#[from] ChatError),
+    /// The model's file could not be read for its tokenizer metadata.
+    #[error("{0}")]
+    Model(#[from] r1serve_model::ModelError),
     #[error("the server task failed: {0}")]
     Task(String),
 }

@@ -6,6 +6,8 @@
 //!   `GET /health`, `GET /metrics` (Prometheus text, vLLM names).
 //! - [`Server::shutdown`] stops accepting, lets running requests finish for a while, then aborts
 //!   the rest.
+//! - [`load_text`]: the tokenizer and chat template a model is served with (the HF files beside
+//!   it, else a GGUF file's metadata).
 //!
 //! A request's path: [`extract`] (JSON, 400/413) → [`auth`] (401) → handler ([`chat`],
 //! [`completions`]): validation ([`params`]), template and tokenizer on a blocking thread,
@@ -28,10 +30,12 @@ mod server;
 pub mod sse;
 pub mod state;
 pub mod stop;
+pub mod text;
 
 pub use error::{ApiError, ErrorBody, ErrorObject, ServerError};
 pub use server::Server;
 pub use state::ModelContext;
+pub use text::{load_text, load_tokenizer};
 
 /// The body limit unless configured otherwise (2 MB).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 2 * 1024 * 1024;

@@ -80,20 +80,33 @@ impl ChatTemplate {
         })
     }
 
+    /// Compiles a template found somewhere (a model directory's files, a GGUF file's metadata).
+    pub fn from_source(found: TemplateSource) -> Result<Self, ChatError> {
+        Self::new(found.source, found.name, found.bos_token, found.eos_token)
+    }
+
     /// The template a model directory ships (`chat_template.jinja`, `chat_template.json`, or
     /// `tokenizer_config.json`'s `chat_template`), with its BOS/EOS tokens; `None` if it has none.
     pub fn from_model_dir(dir: &std::path::Path) -> Result<Option<Self>, ChatError> {
-        let Some(found) = load::find(dir)? else {
-            return Ok(None);
-        };
-        Self::new(found.source, found.name, found.bos_token, found.eos_token).map(Some)
+        load::find(dir)?.map(Self::from_source).transpose()
     }
 
     /// What a server loads for a model: its own template, else the built-in R1 one; a reasoning
     /// model (the tokenizer has `<think>`/`</think>`) gets `<think>\n` after the generation prompt.
     pub fn for_model(dir: &std::path::Path, tokenizer: Option<&Tokenizer>) -> Result<Self, ChatError> {
-        let template = match Self::from_model_dir(dir)? {
-            Some(template) => template,
+        Self::for_model_with(dir, None, tokenizer)
+    }
+
+    /// [`ChatTemplate::for_model`] with a second source: `embedded` (a GGUF file's
+    /// `tokenizer.chat_template` and special tokens) is used when the directory has no template of
+    /// its own, before falling back to the built-in one.
+    pub fn for_model_with(
+        dir: &std::path::Path,
+        embedded: Option<TemplateSource>,
+        tokenizer: Option<&Tokenizer>,
+    ) -> Result<Self, ChatError> {
+        let template = match load::find(dir)?.or(embedded) {
+            Some(found) => Self::from_source(found)?,
             None => Self::builtin_r1(),
         };
         let reasoning = tokenizer.is_some_and(Tokenizer::is_reasoning_model);

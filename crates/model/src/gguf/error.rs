@@ -116,6 +116,33 @@ pub enum GgufError {
     UnsupportedArchitecture { name: String, supported: &'static str },
     #[error("{0}")]
     Unsupported(String),
+    #[error("metadata key `{key}` = `{value}` is not supported (supported: {supported})")]
+    UnsupportedTokenizer {
+        key: &'static str,
+        value: String,
+        supported: &'static str,
+    },
+    #[error(
+        "metadata key `{key}` has {len} entries but `{other}` has {other_len}; they must describe the same tokens"
+    )]
+    LengthMismatch {
+        key: &'static str,
+        len: usize,
+        other: &'static str,
+        other_len: usize,
+    },
+    #[error("metadata key `{key}` = {id} is not a token id (`tokenizer.ggml.tokens` has {n_tokens})")]
+    TokenIdOutOfRange { key: String, id: usize, n_tokens: usize },
+    #[error("`tokenizer.ggml.token_type`[{index}] = {value} is not a token type (0..=6)")]
+    BadTokenType { index: usize, value: i128 },
+    #[error("`tokenizer.ggml.tokens` lists {token:?} twice (ids {first} and {second})")]
+    DuplicateToken { token: String, first: usize, second: usize },
+    #[error("`tokenizer.ggml.merges`[{index}] = {merge:?}: {reason}")]
+    BadMerge {
+        index: usize,
+        merge: String,
+        reason: String,
+    },
     #[error("tensor `{tensor}` has shape {dims:?} (GGUF order); {message}")]
     BadTensor {
         tensor: String,

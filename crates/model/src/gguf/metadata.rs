@@ -64,6 +64,26 @@ impl GgufArray {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Length and element type, for error messages: `array of 3 u32`.
+    pub fn describe(&self) -> String {
+        let element = match self {
+            GgufArray::U8(_) => "u8",
+            GgufArray::I8(_) => "i8",
+            GgufArray::U16(_) => "u16",
+            GgufArray::I16(_) => "i16",
+            GgufArray::U32(_) => "u32",
+            GgufArray::I32(_) => "i32",
+            GgufArray::U64(_) => "u64",
+            GgufArray::I64(_) => "i64",
+            GgufArray::F32(_) => "f32",
+            GgufArray::F64(_) => "f64",
+            GgufArray::Bool(_) => "bool",
+            GgufArray::String(_) => "string",
+            GgufArray::Array(_) => "array",
+        };
+        format!("array of {} {element}", self.len())
+    }
 }
 
 impl GgufValue {
@@ -82,7 +102,7 @@ impl GgufValue {
             GgufValue::F64(_) => "f64".into(),
             GgufValue::Bool(_) => "bool".into(),
             GgufValue::String(_) => "string".into(),
-            GgufValue::Array(a) => format!("array of {}", a.len()),
+            GgufValue::Array(a) => a.describe(),
         }
     }
 

@@ -1,6 +1,7 @@
 //! GGUF files (llama.cpp's single-file format): a hostile-input-safe header parser over a memory
-//! map, the translation of its metadata into the HF `config.json` the architectures parse, and its
-//! tensors under HF names.
+//! map, the translation of its metadata into the HF `config.json` the architectures parse (and
+//! into the `tokenizer.json` and chat template the text side needs), and its tensors under HF
+//! names.
 //!
 //! A GGUF model is opened with [`crate::ModelDir::open`] (a `.gguf` path, or a directory holding
 //! exactly one `.gguf` and no `config.json`) and loaded by the registry like any other:
@@ -10,8 +11,10 @@ mod error;
 mod hf_config;
 mod mapping;
 mod metadata;
+mod pretokenizer;
 mod reader;
 mod rope;
+mod tokenizer;
 mod types;
 mod weights;
 
@@ -23,7 +26,9 @@ use serde_json::Value;
 
 pub use error::GgufError;
 pub use metadata::{GgufArray, GgufValue, Metadata};
+pub use pretokenizer::SUPPORTED as SUPPORTED_PRE_TOKENIZERS;
 pub use reader::{parse, Header, TensorInfo, MAX_ARRAY_DEPTH, MAX_DIMS, MAX_KEY_LEN, MAX_STRING_LEN};
+pub use tokenizer::{hf_tokenizer, text, GgufText, SUPPORTED_MODELS as SUPPORTED_TOKENIZER_MODELS};
 pub use types::GgmlType;
 pub use weights::GgufWeights;
 
@@ -59,10 +64,25 @@ impl GgufFile {
 
     /// The HF `config.json` equivalent of the metadata.
     pub fn hf_config(&self) -> Result<Value> {
-        hf_config::hf_config(&self.header, self.bytes()).map_err(|source| ModelError::Gguf {
+        hf_config::hf_config(&self.header, self.bytes()).map_err(|e| self.error(e))
+    }
+
+    /// The HF `tokenizer.json` equivalent of the tokenizer metadata; `None` when the file has no
+    /// vocabulary.
+    pub fn hf_tokenizer(&self) -> Result<Option<Value>> {
+        tokenizer::hf_tokenizer(&self.header.metadata).map_err(|e| self.error(e))
+    }
+
+    /// The chat template and the BOS/EOS/PAD token strings.
+    pub fn text(&self) -> Result<GgufText> {
+        tokenizer::text(&self.header.metadata).map_err(|e| self.error(e))
+    }
+
+    fn error(&self, source: GgufError) -> ModelError {
+        ModelError::Gguf {
             path: self.path.clone(),
             source,
-        })
+        }
     }
 }
 
@@ -71,6 +91,18 @@ pub fn is_gguf_path(path: &Path) -> bool {
     path.extension()
         .and_then(|e| e.to_str())
         .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
+/// The GGUF file a model path stands for: the path itself when it names a `.gguf` file, else the
+/// one `.gguf` in a directory without a `config.json` (the rule [`ModelDir::open`] follows).
+pub fn resolve(path: &Path) -> Result<Option<PathBuf>> {
+    if is_gguf_path(path) && !path.is_dir() {
+        return Ok(Some(path.to_owned()));
+    }
+    if path.is_dir() && !path.join("config.json").exists() {
+        return single_gguf_in(path);
+    }
+    Ok(None)
 }
 
 /// The one `.gguf` file in `dir`: `None` when there is none, an error naming them when there are

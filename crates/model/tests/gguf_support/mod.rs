@@ -6,6 +6,7 @@ use r1serve_model::gguf::{parse, GgufError};
 pub const F32: u32 = 0;
 pub const Q8_0: u32 = 8;
 pub const T_U32: u32 = 4;
+pub const T_I32: u32 = 5;
 pub const T_BOOL: u32 = 7;
 pub const T_STRING: u32 = 8;
 pub const T_ARRAY: u32 = 9;
@@ -47,6 +48,30 @@ impl Writer {
 
     pub fn u32(self, key: &str, v: u32) -> Self {
         self.kv(key.as_bytes(), T_U32, &v.to_le_bytes())
+    }
+
+    pub fn bool(self, key: &str, v: bool) -> Self {
+        self.kv(key.as_bytes(), T_BOOL, &[u8::from(v)])
+    }
+
+    pub fn string(self, key: &str, v: &str) -> Self {
+        self.kv(key.as_bytes(), T_STRING, &gguf_string(v.as_bytes()))
+    }
+
+    pub fn strings<S: AsRef<str>>(self, key: &str, values: &[S]) -> Self {
+        let mut value = T_STRING.to_le_bytes().to_vec();
+        value.extend((values.len() as u64).to_le_bytes());
+        for v in values {
+            value.extend(gguf_string(v.as_ref().as_bytes()));
+        }
+        self.kv(key.as_bytes(), T_ARRAY, &value)
+    }
+
+    pub fn i32s(self, key: &str, values: &[i32]) -> Self {
+        let mut value = T_I32.to_le_bytes().to_vec();
+        value.extend((values.len() as u64).to_le_bytes());
+        values.iter().for_each(|v| value.extend(v.to_le_bytes()));
+        self.kv(key.as_bytes(), T_ARRAY, &value)
     }
 
     pub fn info(mut self, name: &str, dims: &[u64], type_id: u32, offset: u64) -> Self {
