@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use r1serve_chat::{IncrementalDecoder, Tokenizer};
+use r1serve_chat::IncrementalDecoder;
 use r1serve_engine::{generate, GenerateRequest, SamplingParams};
 use r1serve_kernels::CpuBackend;
 use serde_json::json;
@@ -58,7 +58,7 @@ pub struct GenerateArgs {
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let dir = crate::model_dir(&args.model)?;
-    let tokenizer = Tokenizer::from_model_dir(&dir)?;
+    let tokenizer = r1serve_server::load_tokenizer(&dir)?;
     let prompt = match (&args.prompt, &args.prompt_ids) {
         (_, Some(ids)) => ids.clone(),
         (Some(text), None) => {

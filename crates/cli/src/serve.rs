@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use r1serve_chat::{ChatTemplate, Tokenizer};
 use r1serve_engine::{Engine, EngineConfig, KvCacheSize};
 use r1serve_kernels::CpuBackend;
 use r1serve_server::{ModelContext, Server, ServerConfig};
@@ -158,11 +157,13 @@ pub(crate) fn load_context(
 ) -> anyhow::Result<ModelContext> {
     let model_dir =
         r1serve_model::ModelDir::open(path).with_context(|| format!("cannot open the model {}", path.display()))?;
-    let text_dir = text_dir(path);
-    let Some(tokenizer) = Tokenizer::from_model_dir(&text_dir)? else {
-        bail!("{} has no tokenizer.json: chat templates need one", text_dir.display());
+    let (tokenizer, template) = r1serve_server::load_text(path)?;
+    let Some(tokenizer) = tokenizer else {
+        bail!(
+            "{} has no tokenizer.json and no tokenizer metadata: chat templates need one",
+            path.display()
+        );
     };
-    let template = ChatTemplate::for_model(&text_dir, Some(&tokenizer))?;
     let options = crate::load_options(r1serve_model::LoadFormat::Auto, quant);
     let model = r1serve_model::load_model_with(&model_dir, &options, Arc::new(CpuBackend))
         .with_context(|| format!("cannot load the model in {}", path.display()))?;
@@ -174,18 +175,6 @@ pub(crate) fn load_context(
         "tokenizer and chat template loaded"
     );
     Ok(ModelContext::new(engine, tokenizer, template, max_num_seqs)?.with_root(path))
-}
-
-/// Where tokenizer.json and the template live: the model directory, or a .gguf file's folder.
-fn text_dir(model: &Path) -> PathBuf {
-    if model.is_dir() {
-        model.to_path_buf()
-    } else {
-        model
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
-    }
 }
 
 /// SIGINT or SIGTERM.

@@ -500,6 +500,47 @@ fn missing_model_dir_is_reported() {
     );
 }
 
+/// A lone .gguf carries its tokenizer: `--prompt` text tokenizes from the GGUF metadata exactly as
+/// with the HF tokenizer.json it was converted from placed beside the file.
+#[test]
+fn text_prompt_uses_the_tokenizer_in_gguf_metadata() {
+    let gguf = fixture("gguf/qwen2-f32.gguf");
+    let beside = std::env::temp_dir().join(format!("r1serve-gguf-tokenizer-{}", std::process::id()));
+    std::fs::create_dir_all(&beside).unwrap();
+    std::fs::copy(&gguf, beside.join("qwen2-f32.gguf")).unwrap();
+    std::fs::copy(
+        fixture("gguf/qwen2-f32-tokenizer/tokenizer.json"),
+        beside.join("tokenizer.json"),
+    )
+    .unwrap();
+    let run = |model: &Path| {
+        let mut a = args(&[
+            "generate",
+            "--format",
+            "json",
+            "--max-tokens",
+            "6",
+            "--ignore-eos",
+            "--echo",
+            "--model",
+        ]);
+        a.push(model.display().to_string());
+        a.push("--prompt".into());
+        a.push("Ünïcode 12345 tokens, <think> über 漢字!".into());
+        run_json(&a)
+    };
+    let from_metadata = run(&gguf);
+    let from_hf_file = run(&beside.join("qwen2-f32.gguf"));
+    std::fs::remove_dir_all(&beside).ok();
+    assert_eq!(tokens(&from_metadata).len(), 6);
+    assert_eq!(tokens(&from_metadata), tokens(&from_hf_file));
+    assert_eq!(from_metadata["text"], from_hf_file["text"]);
+    // the prompt's log-probabilities depend on every prompt token: equal lists, equal tokenization
+    let prompt = from_metadata["prompt_logprobs"].as_array().expect("prompt_logprobs");
+    assert!(prompt.len() > 10, "{from_metadata}");
+    assert_eq!(from_metadata["prompt_logprobs"], from_hf_file["prompt_logprobs"]);
+}
+
 #[test]
 fn text_prompt_without_tokenizer_is_reported() {
     let mut a = args(&["generate", "--prompt", "hello", "--model"]);
