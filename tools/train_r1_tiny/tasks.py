@@ -110,20 +110,27 @@ def result_line(columns: list[tuple[str, int]], value: int) -> str:
     return f"Digits: {listed}. Result: {value}."
 
 
-def add_working(a: int, b: int) -> tuple[list[str], int]:
-    width = max(len(str(a)), len(str(b)))
-    da, db = digits_low_first(a, width), digits_low_first(b, width)
+def carry_columns(columns: list[tuple[str, int]], value: int) -> list[str]:
+    """One line per column for addition and multiplication: `(expression, column total)` pairs,
+    low column first, each written as `<name>: <expression> + <carry in> = ..., carry <out>`."""
     lines, written, carry = [], [], 0
-    for i in range(width):
-        total = da[i] + db[i] + carry
+    for i, (expression, column_total) in enumerate(columns):
+        total = column_total + carry
         digit, carry_out = total % 10, total // 10
-        lines.append(f"{COLUMN_NAMES[i]}: {da[i]} + {db[i]} + {carry} = {total}, write {digit}, carry {carry_out}")
+        lines.append(f"{COLUMN_NAMES[i]}: {expression} + {carry} = {total}, write {digit}, carry {carry_out}")
         written.append((COLUMN_NAMES[i], digit))
         carry = carry_out
     if carry:
+        width = len(columns)
         lines.append(f"{COLUMN_NAMES[width]}: carry {carry}, write {carry}")
         written.append((COLUMN_NAMES[width], carry))
-    return lines + [result_line(written, a + b)], a + b
+    return lines + [result_line(written, value)]
+
+
+def add_working(a: int, b: int) -> list[str]:
+    width = max(len(str(a)), len(str(b)))
+    da, db = digits_low_first(a, width), digits_low_first(b, width)
+    return carry_columns([(f"{x} + {y}", x + y) for x, y in zip(da, db)], a + b)
 
 
 def sub_working(big: int, small: int) -> tuple[list[str], int]:
@@ -144,20 +151,8 @@ def sub_working(big: int, small: int) -> tuple[list[str], int]:
     return lines + [result_line(written, big - small)], big - small
 
 
-def mul_working(a: int, m: int) -> tuple[list[str], int]:
-    width = len(str(a))
-    da = digits_low_first(a, width)
-    lines, written, carry = [], [], 0
-    for i in range(width):
-        total = da[i] * m + carry
-        digit, carry_out = total % 10, total // 10
-        lines.append(f"{COLUMN_NAMES[i]}: {da[i]} × {m} + {carry} = {total}, write {digit}, carry {carry_out}")
-        written.append((COLUMN_NAMES[i], digit))
-        carry = carry_out
-    if carry:
-        lines.append(f"{COLUMN_NAMES[width]}: carry {carry}, write {carry}")
-        written.append((COLUMN_NAMES[width], carry))
-    return lines + [result_line(written, a * m)], a * m
+def mul_working(a: int, m: int) -> list[str]:
+    return carry_columns([(f"{x} × {m}", x * m) for x in digits_low_first(a, len(str(a)))], a * m)
 
 
 def thinking(p: Problem) -> str:
@@ -165,8 +160,7 @@ def thinking(p: Problem) -> str:
     sym = SYMBOL[p.kind]
     head = f"We need {p.a} {sym} {p.b}."
     if p.kind == "add":
-        lines, _ = add_working(p.a, p.b)
-        return "\n".join([head + " Add column by column from the right."] + lines)
+        return "\n".join([head + " Add column by column from the right."] + add_working(p.a, p.b))
     if p.kind == "sub":
         if p.a >= p.b:
             lines, _ = sub_working(p.a, p.b)
@@ -176,8 +170,7 @@ def thinking(p: Problem) -> str:
         return "\n".join([intro] + lines + [f"With the minus sign: {-value}."])
     # multiplication: the multi-digit number column by column times the single digit
     big, digit = (p.a, p.b) if p.b < 10 else (p.b, p.a)
-    lines, _ = mul_working(big, digit)
-    return "\n".join([head + f" Multiply {big} by {digit} column by column from the right."] + lines)
+    return "\n".join([head + f" Multiply {big} by {digit} column by column from the right."] + mul_working(big, digit))
 
 
 def answer_text(p: Problem) -> str:

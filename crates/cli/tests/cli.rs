@@ -5,7 +5,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde_json::Value;
 
@@ -392,31 +391,19 @@ fn sampled_tokens_are_in_vocab_and_logprobs_are_probabilities() {
 // ---------------------------------------------------------------------------------------------
 // Stopping at EOS.
 
-/// A temp directory under cargo's per-target temp folder, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cli-{tag}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        Self(path)
-    }
+/// A fresh directory under cargo's per-target temp folder, removed on drop.
+fn temp_dir(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("cli-{tag}-"))
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .expect("cannot create a temp dir")
 }
 
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn copy_fixture(name: &str) -> TempDir {
-    let tmp = TempDir::new(name);
+fn copy_fixture(name: &str) -> tempfile::TempDir {
+    let tmp = temp_dir(name);
     for entry in std::fs::read_dir(fixture(name)).unwrap() {
         let entry = entry.unwrap();
-        std::fs::copy(entry.path(), tmp.0.join(entry.file_name())).unwrap();
+        std::fs::copy(entry.path(), tmp.path().join(entry.file_name())).unwrap();
     }
     tmp
 }
@@ -434,29 +421,29 @@ fn generation_stops_at_eos() {
     let dir = copy_fixture("llama-f32");
 
     // The first greedy token is EOS: exactly one token, finish_reason "stop".
-    set_eos(&dir.0, serde_json::json!(case.greedy[0]));
-    let out = run_json(&generate_args(&dir.0, &case.prompt, 16, &[]));
+    set_eos(&dir.path(), serde_json::json!(case.greedy[0]));
+    let out = run_json(&generate_args(&dir.path(), &case.prompt, 16, &[]));
     assert_eq!(tokens(&out), case.greedy[..1], "{out}");
     assert_eq!(out["finish_reason"], "stop");
     assert_eq!(floats(&out["logprobs"]).len(), 1);
 
     // --ignore-eos runs on to max_tokens.
-    let out = run_json(&generate_args(&dir.0, &case.prompt, 16, &["--ignore-eos"]));
+    let out = run_json(&generate_args(&dir.path(), &case.prompt, 16, &["--ignore-eos"]));
     assert_eq!(tokens(&out), case.greedy);
     assert_eq!(out["finish_reason"], "length");
 
     // A list of EOS ids: the first one generated stops (greedy[3] is the first of the list to appear).
     let fourth = case.greedy[3];
     assert!(!case.greedy[..3].contains(&fourth));
-    set_eos(&dir.0, serde_json::json!([1, fourth]));
-    let out = run_json(&generate_args(&dir.0, &case.prompt, 16, &[]));
+    set_eos(&dir.path(), serde_json::json!([1, fourth]));
+    let out = run_json(&generate_args(&dir.path(), &case.prompt, 16, &[]));
     assert_eq!(tokens(&out), case.greedy[..4]);
     assert_eq!(out["finish_reason"], "stop");
 
     // EOS that is never generated: stops at max_tokens.
-    set_eos(&dir.0, serde_json::json!(1));
+    set_eos(&dir.path(), serde_json::json!(1));
     assert!(!case.greedy.contains(&1));
-    let out = run_json(&generate_args(&dir.0, &case.prompt, 16, &[]));
+    let out = run_json(&generate_args(&dir.path(), &case.prompt, 16, &[]));
     assert_eq!(tokens(&out), case.greedy);
     assert_eq!(out["finish_reason"], "length");
 }
@@ -505,8 +492,8 @@ fn missing_model_dir_is_reported() {
 #[test]
 fn text_prompt_uses_the_tokenizer_in_gguf_metadata() {
     let gguf = fixture("gguf/qwen2-f32.gguf");
-    let beside = std::env::temp_dir().join(format!("r1serve-gguf-tokenizer-{}", std::process::id()));
-    std::fs::create_dir_all(&beside).unwrap();
+    let dir = temp_dir("gguf-tokenizer");
+    let beside = dir.path();
     std::fs::copy(&gguf, beside.join("qwen2-f32.gguf")).unwrap();
     std::fs::copy(
         fixture("gguf/qwen2-f32-tokenizer/tokenizer.json"),
@@ -531,7 +518,6 @@ fn text_prompt_uses_the_tokenizer_in_gguf_metadata() {
     };
     let from_metadata = run(&gguf);
     let from_hf_file = run(&beside.join("qwen2-f32.gguf"));
-    std::fs::remove_dir_all(&beside).ok();
     assert_eq!(tokens(&from_metadata).len(), 6);
     assert_eq!(tokens(&from_metadata), tokens(&from_hf_file));
     assert_eq!(from_metadata["text"], from_hf_file["text"]);
@@ -611,9 +597,9 @@ fn malformed_arguments_are_reported() {
 #[test]
 fn broken_tokenizer_is_reported_with_the_file() {
     let dir = copy_fixture("llama-f32");
-    std::fs::write(dir.0.join("tokenizer.json"), "{\"model\": ").unwrap();
+    std::fs::write(dir.path().join("tokenizer.json"), "{\"model\": ").unwrap();
     let mut a = args(&["generate", "--prompt", "hello", "--model"]);
-    a.push(dir.0.display().to_string());
+    a.push(dir.path().display().to_string());
     run_err(&a, &["tokenizer.json"]);
 }
 
@@ -628,19 +614,19 @@ fn huge_max_tokens_is_reported() {
 #[test]
 fn absurd_layer_count_is_reported() {
     let dir = copy_fixture("llama-f32");
-    let path = dir.0.join("config.json");
+    let path = dir.path().join("config.json");
     let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     config["num_hidden_layers"] = serde_json::json!(1_000_000_000_000u64);
     std::fs::write(&path, config.to_string()).unwrap();
     let mut a = args(&["generate", "--prompt-ids", "0,5", "--model"]);
-    a.push(dir.0.display().to_string());
+    a.push(dir.path().display().to_string());
     run_err(&a, &["num_hidden_layers"]);
 }
 
 #[test]
 fn absurd_sizes_in_inspect_are_reported() {
     let dir = copy_fixture("qwen2-f32");
-    let path = dir.0.join("config.json");
+    let path = dir.path().join("config.json");
     let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     config["hidden_size"] = serde_json::json!(1u64 << 62);
     config["vocab_size"] = serde_json::json!(1u64 << 62);
@@ -654,7 +640,7 @@ fn absurd_sizes_in_inspect_are_reported() {
 #[test]
 fn broken_model_is_reported_with_the_file() {
     let dir = copy_fixture("llama-f32");
-    let shard = dir.0.join("model-00002-of-00002.safetensors");
+    let shard = dir.path().join("model-00002-of-00002.safetensors");
     let len = std::fs::metadata(&shard).unwrap().len();
     std::fs::OpenOptions::new()
         .write(true)
@@ -663,13 +649,13 @@ fn broken_model_is_reported_with_the_file() {
         .set_len(len - 100)
         .unwrap();
     let mut a = args(&["generate", "--prompt-ids", "0,5", "--model"]);
-    a.push(dir.0.display().to_string());
+    a.push(dir.path().display().to_string());
     run_err(&a, &["model-00002-of-00002.safetensors"]);
 
-    std::fs::write(dir.0.join("config.json"), "{not json").unwrap();
+    std::fs::write(dir.path().join("config.json"), "{not json").unwrap();
     run_err(&a, &["config.json"]);
     let mut a = args(&["inspect", "--model"]);
-    a.push(dir.0.display().to_string());
+    a.push(dir.path().display().to_string());
     run_err(&a, &["config.json"]);
 }
 

@@ -6,7 +6,6 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde_json::Value;
 
@@ -15,23 +14,11 @@ fn repo_root() -> PathBuf {
 }
 
 /// A fresh directory under cargo's per-target temp folder, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("r1tiny-{tag}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        Self(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+fn temp_dir(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("r1tiny-{tag}-"))
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .expect("cannot create a temp dir")
 }
 
 /// Runs the binary from the repository root with its cache in `cache`, feeding `stdin`.
@@ -88,10 +75,10 @@ fn run_err(args: &[&str], cache: &Path, needles: &[&str]) {
 
 #[test]
 fn eval_on_held_out_problems_matches_the_reference() {
-    let cache = TempDir::new("eval");
+    let cache = temp_dir("eval");
     let stdout = run_ok(
         &["eval", "--problems", "models/r1-tiny/held_out.jsonl", "--json"],
-        &cache.0,
+        &cache.path(),
         "",
     );
     let report: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
@@ -113,20 +100,20 @@ fn eval_on_held_out_problems_matches_the_reference() {
 
 #[test]
 fn eval_reports_a_missed_min_accuracy_and_a_table() {
-    let cache = TempDir::new("eval-min");
+    let cache = temp_dir("eval-min");
     let args = ["eval", "--problems", "models/r1-tiny/held_out.jsonl", "--limit", "3"];
-    let table = run_ok(&args, &cache.0, "");
+    let table = run_ok(&args, &cache.path(), "");
     assert!(table.contains("accuracy") && table.contains("3 problems"), "{table}");
     run_err(
         &[&args[..], &["--min-accuracy", "1.01"]].concat(),
-        &cache.0,
+        &cache.path(),
         &["below --min-accuracy 1.01"],
     );
 }
 
 #[test]
 fn eval_names_the_line_of_a_malformed_problem() {
-    let dir = TempDir::new("eval-bad");
+    let dir = temp_dir("eval-bad");
     let good = r#"{"prompt": "What is 1 + 2?", "answer": 3}"#;
     let cases = [
         (
@@ -141,31 +128,35 @@ fn eval_names_the_line_of_a_malformed_problem() {
         ("not json", "not valid JSON"),
     ];
     for (i, (bad, needle)) in cases.iter().enumerate() {
-        let file = dir.0.join(format!("bad{i}.jsonl"));
+        let file = dir.path().join(format!("bad{i}.jsonl"));
         std::fs::write(&file, format!("{good}\n\n{bad}\n")).unwrap();
         let file = file.to_str().unwrap();
         run_err(
             &["eval", "--problems", file],
-            &dir.0,
+            &dir.path(),
             &[&format!("bad{i}.jsonl:3"), needle],
         );
     }
-    let empty = dir.0.join("empty.jsonl");
+    let empty = dir.path().join("empty.jsonl");
     std::fs::write(&empty, "\n").unwrap();
     run_err(
         &["eval", "--problems", empty.to_str().unwrap()],
-        &dir.0,
+        &dir.path(),
         &["no problems"],
     );
-    run_err(&["eval", "--problems", "no/such.jsonl"], &dir.0, &["no/such.jsonl"]);
+    run_err(
+        &["eval", "--problems", "no/such.jsonl"],
+        &dir.path(),
+        &["no/such.jsonl"],
+    );
 }
 
 #[test]
 fn chat_streams_thinking_then_an_answer_from_piped_input() {
-    let cache = TempDir::new("chat");
+    let cache = temp_dir("chat");
     let stdout = run_ok(
         &["chat", "--color", "never"],
-        &cache.0,
+        &cache.path(),
         "What is 12 + 7?\n/exit\nWhat is 1 + 1?\n",
     );
     assert!(
@@ -184,10 +175,14 @@ fn chat_streams_thinking_then_an_answer_from_piped_input() {
 
 #[test]
 fn chat_survives_a_prompt_beyond_the_context() {
-    let cache = TempDir::new("chat-long");
+    let cache = temp_dir("chat-long");
     let long = " 7".repeat(3000);
     let stdin = format!("{long}\n/clear\nWhat is 2 + 2?\n");
-    let out = r1serve(&["chat", "--color", "always", "--max-tokens", "200"], &cache.0, &stdin);
+    let out = r1serve(
+        &["chat", "--color", "always", "--max-tokens", "200"],
+        &cache.path(),
+        &stdin,
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{}", describe(&out));
@@ -233,23 +228,23 @@ fn assert_same_as_source(dir: &Path) {
 
 #[test]
 fn default_model_is_extracted_once_and_repaired_when_damaged() {
-    let cache = TempDir::new("extract");
+    let cache = temp_dir("extract");
     let chat = ["chat", "--color", "never"];
-    run_ok(&chat, &cache.0, "/exit\n");
-    let dir = extracted(&cache.0);
+    run_ok(&chat, &cache.path(), "/exit\n");
+    let dir = extracted(&cache.path());
     assert_same_as_source(&dir);
     let stamp = |file: &str| std::fs::metadata(dir.join(file)).unwrap().modified().unwrap();
     let before: Vec<_> = FILES.iter().map(|f| stamp(f)).collect();
-    run_ok(&chat, &cache.0, "/exit\n");
-    assert_eq!(extracted(&cache.0), dir);
+    run_ok(&chat, &cache.path(), "/exit\n");
+    assert_eq!(extracted(&cache.path()), dir);
     assert_eq!(FILES.iter().map(|f| stamp(f)).collect::<Vec<_>>(), before, "rewritten");
 
     // A partial directory (only config.json), then a truncated weights file: both re-extracted.
     for file in &FILES[1..] {
         std::fs::remove_file(dir.join(file)).unwrap();
     }
-    run_ok(&chat, &cache.0, "/exit\n");
-    assert_eq!(extracted(&cache.0), dir);
+    run_ok(&chat, &cache.path(), "/exit\n");
+    assert_eq!(extracted(&cache.path()), dir);
     assert_same_as_source(&dir);
     let weights = std::fs::OpenOptions::new()
         .write(true)
@@ -257,7 +252,7 @@ fn default_model_is_extracted_once_and_repaired_when_damaged() {
         .unwrap();
     weights.set_len(1000).unwrap();
     drop(weights);
-    let stdout = run_ok(&chat, &cache.0, "What is 3 + 4?\n");
+    let stdout = run_ok(&chat, &cache.path(), "What is 3 + 4?\n");
     assert!(stdout.contains("</think>"), "{stdout}");
-    assert_same_as_source(&extracted(&cache.0));
+    assert_same_as_source(&extracted(&cache.path()));
 }
