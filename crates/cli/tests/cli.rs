@@ -421,29 +421,29 @@ fn generation_stops_at_eos() {
     let dir = copy_fixture("llama-f32");
 
     // The first greedy token is EOS: exactly one token, finish_reason "stop".
-    set_eos(&dir.path(), serde_json::json!(case.greedy[0]));
-    let out = run_json(&generate_args(&dir.path(), &case.prompt, 16, &[]));
+    set_eos(dir.path(), serde_json::json!(case.greedy[0]));
+    let out = run_json(&generate_args(dir.path(), &case.prompt, 16, &[]));
     assert_eq!(tokens(&out), case.greedy[..1], "{out}");
     assert_eq!(out["finish_reason"], "stop");
     assert_eq!(floats(&out["logprobs"]).len(), 1);
 
     // --ignore-eos runs on to max_tokens.
-    let out = run_json(&generate_args(&dir.path(), &case.prompt, 16, &["--ignore-eos"]));
+    let out = run_json(&generate_args(dir.path(), &case.prompt, 16, &["--ignore-eos"]));
     assert_eq!(tokens(&out), case.greedy);
     assert_eq!(out["finish_reason"], "length");
 
     // A list of EOS ids: the first one generated stops (greedy[3] is the first of the list to appear).
     let fourth = case.greedy[3];
     assert!(!case.greedy[..3].contains(&fourth));
-    set_eos(&dir.path(), serde_json::json!([1, fourth]));
-    let out = run_json(&generate_args(&dir.path(), &case.prompt, 16, &[]));
+    set_eos(dir.path(), serde_json::json!([1, fourth]));
+    let out = run_json(&generate_args(dir.path(), &case.prompt, 16, &[]));
     assert_eq!(tokens(&out), case.greedy[..4]);
     assert_eq!(out["finish_reason"], "stop");
 
     // EOS that is never generated: stops at max_tokens.
-    set_eos(&dir.path(), serde_json::json!(1));
+    set_eos(dir.path(), serde_json::json!(1));
     assert!(!case.greedy.contains(&1));
-    let out = run_json(&generate_args(&dir.path(), &case.prompt, 16, &[]));
+    let out = run_json(&generate_args(dir.path(), &case.prompt, 16, &[]));
     assert_eq!(tokens(&out), case.greedy);
     assert_eq!(out["finish_reason"], "length");
 }

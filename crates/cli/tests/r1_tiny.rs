@@ -78,7 +78,7 @@ fn eval_on_held_out_problems_matches_the_reference() {
     let cache = temp_dir("eval");
     let stdout = run_ok(
         &["eval", "--problems", "models/r1-tiny/held_out.jsonl", "--json"],
-        &cache.path(),
+        cache.path(),
         "",
     );
     let report: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
@@ -102,11 +102,11 @@ fn eval_on_held_out_problems_matches_the_reference() {
 fn eval_reports_a_missed_min_accuracy_and_a_table() {
     let cache = temp_dir("eval-min");
     let args = ["eval", "--problems", "models/r1-tiny/held_out.jsonl", "--limit", "3"];
-    let table = run_ok(&args, &cache.path(), "");
+    let table = run_ok(&args, cache.path(), "");
     assert!(table.contains("accuracy") && table.contains("3 problems"), "{table}");
     run_err(
         &[&args[..], &["--min-accuracy", "1.01"]].concat(),
-        &cache.path(),
+        cache.path(),
         &["below --min-accuracy 1.01"],
     );
 }
@@ -133,7 +133,7 @@ fn eval_names_the_line_of_a_malformed_problem() {
         let file = file.to_str().unwrap();
         run_err(
             &["eval", "--problems", file],
-            &dir.path(),
+            dir.path(),
             &[&format!("bad{i}.jsonl:3"), needle],
         );
     }
@@ -141,14 +141,10 @@ fn eval_names_the_line_of_a_malformed_problem() {
     std::fs::write(&empty, "\n").unwrap();
     run_err(
         &["eval", "--problems", empty.to_str().unwrap()],
-        &dir.path(),
+        dir.path(),
         &["no problems"],
     );
-    run_err(
-        &["eval", "--problems", "no/such.jsonl"],
-        &dir.path(),
-        &["no/such.jsonl"],
-    );
+    run_err(&["eval", "--problems", "no/such.jsonl"], dir.path(), &["no/such.jsonl"]);
 }
 
 #[test]
@@ -156,7 +152,7 @@ fn chat_streams_thinking_then_an_answer_from_piped_input() {
     let cache = temp_dir("chat");
     let stdout = run_ok(
         &["chat", "--color", "never"],
-        &cache.path(),
+        cache.path(),
         "What is 12 + 7?\n/exit\nWhat is 1 + 1?\n",
     );
     assert!(
@@ -180,7 +176,7 @@ fn chat_survives_a_prompt_beyond_the_context() {
     let stdin = format!("{long}\n/clear\nWhat is 2 + 2?\n");
     let out = r1serve(
         &["chat", "--color", "always", "--max-tokens", "200"],
-        &cache.path(),
+        cache.path(),
         &stdin,
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -230,21 +226,21 @@ fn assert_same_as_source(dir: &Path) {
 fn default_model_is_extracted_once_and_repaired_when_damaged() {
     let cache = temp_dir("extract");
     let chat = ["chat", "--color", "never"];
-    run_ok(&chat, &cache.path(), "/exit\n");
-    let dir = extracted(&cache.path());
+    run_ok(&chat, cache.path(), "/exit\n");
+    let dir = extracted(cache.path());
     assert_same_as_source(&dir);
     let stamp = |file: &str| std::fs::metadata(dir.join(file)).unwrap().modified().unwrap();
     let before: Vec<_> = FILES.iter().map(|f| stamp(f)).collect();
-    run_ok(&chat, &cache.path(), "/exit\n");
-    assert_eq!(extracted(&cache.path()), dir);
+    run_ok(&chat, cache.path(), "/exit\n");
+    assert_eq!(extracted(cache.path()), dir);
     assert_eq!(FILES.iter().map(|f| stamp(f)).collect::<Vec<_>>(), before, "rewritten");
 
     // A partial directory (only config.json), then a truncated weights file: both re-extracted.
     for file in &FILES[1..] {
         std::fs::remove_file(dir.join(file)).unwrap();
     }
-    run_ok(&chat, &cache.path(), "/exit\n");
-    assert_eq!(extracted(&cache.path()), dir);
+    run_ok(&chat, cache.path(), "/exit\n");
+    assert_eq!(extracted(cache.path()), dir);
     assert_same_as_source(&dir);
     let weights = std::fs::OpenOptions::new()
         .write(true)
@@ -252,7 +248,7 @@ fn default_model_is_extracted_once_and_repaired_when_damaged() {
         .unwrap();
     weights.set_len(1000).unwrap();
     drop(weights);
-    let stdout = run_ok(&chat, &cache.path(), "What is 3 + 4?\n");
+    let stdout = run_ok(&chat, cache.path(), "What is 3 + 4?\n");
     assert!(stdout.contains("</think>"), "{stdout}");
-    assert_same_as_source(&extracted(&cache.path()));
+    assert_same_as_source(&extracted(cache.path()));
 }
