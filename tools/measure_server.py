@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""Serving speed of a running r1serve (or any OpenAI-compatible) server.
+
+Usage:
+  python3 tools/measure_server.py ttft [--url URL] [--prompt-tokens 512] [--runs 5]
+  python3 tools/measure_server.py streams [--url URL] [--streams 8] [--max-tokens 64]
+
+`ttft`: each run streams a /v1/completions request whose prompt is `--prompt-tokens` random token
+ids (a fresh prompt per run, so the prefix cache cannot help) and times the arrival of the first
+chunk that carries a token; prints every run and the median, in ms.
+`streams`: decode speed of one stream alone, then of `--streams` concurrent ones (short distinct
+prompts, `ignore_eos`, `--max-tokens` each); prints both aggregate tokens/s and their ratio.
+Standard library only.
+"""
+
+import argparse
+import http.client
+import json
+import random
+import statistics
+import threading
+import time
+import urllib.parse
+
+
+def first_token_ms(url, model, prompt_ids):
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=600)
+    body = json.dumps(
+        {"model": model, "prompt": prompt_ids, "max_tokens": 1, "stream": True, "temperature": 0}
+    )
+    start = time.perf_counter()
+    conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    if response.status != 200:
+        raise SystemExit(f"server answered {response.status}: {response.read()[:500]!r}")
+    for raw in response:
+        line = raw.decode().strip()
+        if line.startswith("data: ") and line != "data: [DONE]":
+            chunk = json.loads(line[len("data: "):])
+            if chunk.get("choices"):
+                elapsed = (time.perf_counter() - start) * 1000
+                conn.close()
+                return elapsed
+    raise SystemExit("the stream ended without a token")
+
+
+def decode_tokens_per_s(url, model, prompts, max_tokens):
+    """Aggregate generated tokens/s of all `prompts` sent at once: tokens after each stream's
+    first, over the time from the first token of any stream to the last token of all."""
+    first, last, counts = [None] * len(prompts), [None] * len(prompts), [0] * len(prompts)
+
+    def run(i):
+        parts = urllib.parse.urlsplit(url)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=600)
+        body = json.dumps({"model": model, "prompt": prompts[i], "max_tokens": max_tokens, "stream": True,
+                           "temperature": 0, "ignore_eos": True})
+        conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        if response.status != 200:
+            raise SystemExit(f"server answered {response.status}: {response.read()[:500]!r}")
+        for raw in response:
+            line = raw.decode().strip()
+            if line.startswith("data: ") and line != "data: [DONE]" and json.loads(line[6:]).get("choices"):
+                now = time.perf_counter()
+                first[i] = first[i] or now
+                last[i] = now
+                counts[i] += 1
+        conn.close()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(c - 1 for c in counts) / (max(last) - min(first))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", choices=["ttft", "streams"])
+    ap.add_argument("--url", default="http://127.0.0.1:8000")
+    ap.add_argument("--streams", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--vocab", type=int, default=1000, help="ids are drawn from [100, vocab)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    parts = urllib.parse.urlsplit(args.url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=60)
+    conn.request("GET", "/v1/models")
+    model = json.loads(conn.getresponse().read())["data"][0]["id"]
+    conn.close()
+
+    rng = random.Random(args.seed)
+    if args.mode == "streams":
+        prompt = lambda: [rng.randrange(100, args.vocab) for _ in range(16)]  # noqa: E731
+        one = decode_tokens_per_s(args.url, model, [prompt()], args.max_tokens)
+        many = decode_tokens_per_s(args.url, model, [prompt() for _ in range(args.streams)], args.max_tokens)
+        print(json.dumps({"streams": args.streams, "one_stream_tps": round(one, 2),
+                          "aggregate_tps": round(many, 2), "ratio": round(many / one, 2)}))
+        return
+    runs = []
+    for _ in range(args.runs):
+        prompt = [rng.randrange(100, args.vocab) for _ in range(args.prompt_tokens)]
+        runs.append(round(first_token_ms(args.url, model, prompt), 1))
+    print(json.dumps({"prompt_tokens": args.prompt_tokens, "ttft_ms": runs, "median_ms": statistics.median(runs)}))
+
+
+if __name__ == "__main__":
+    main()
