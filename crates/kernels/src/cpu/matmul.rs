@@ -4,7 +4,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::dot::{dot_row, dot_row_prepared, isa, PreparedActivations};
+use super::dot::{dot_row, dot_row_prepared, dot_row_prepared_multi_with, has_multi_kernel, isa, PreparedActivations};
 use super::gemm::gemm;
 use super::gemm_bf16::{self, gemm_bf16};
 use super::gemm_int8::{self, gemm_int8};
@@ -26,6 +26,18 @@ const GEMM_MIN_TOKENS_INT8: usize = 6;
 /// sequence's rate through the panels, 1.3× through the integer dots; at 64 prompt tokens the
 /// panels win for Q8_0 by ~25%).
 const GEMM_MIN_TOKENS_QUANTIZED: usize = 32;
+/// Most tokens for which the multi-token integer dots (each weight block decoded once for all
+/// tokens, no packing pass) beat the integer GEMM; from 2 tokens on they beat the per-token dots.
+/// One thread, Zen 4, the R1-Distill-Qwen-1.5B shapes: `Q8_0` 82–92 GFLOP/s at 4–5 tokens vs
+/// 60–101 for the GEMM, 58–87 vs 74–134 at 8; `Q4_K` 96–109 vs 79–109 at 8, 101–117 vs
+/// 112–126 at 10.
+fn multi_max_tokens(format: WeightFormat) -> usize {
+    match format {
+        WeightFormat::Q8_0 => 5,
+        WeightFormat::Q4K => 8,
+        _ => 0,
+    }
+}
 
 thread_local! {
     /// Activation rows quantised for integer dot products, reused across calls on this thread.
@@ -50,7 +62,11 @@ pub fn matmul(x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
     } else {
         GEMM_MIN_TOKENS
     };
-    if n >= gemm_min && rows * cols * n >= PARALLEL_MIN_WORK {
+    let format = w.format();
+    let multi = (2..=multi_max_tokens(format)).contains(&n)
+        && has_multi_kernel(isa, format)
+        && cols.is_multiple_of(format.block_size());
+    if !multi && n >= gemm_min && rows * cols * n >= PARALLEL_MIN_WORK {
         if int8 {
             gemm_int8(isa, x, w, out);
         } else if w.format() == WeightFormat::Bf16 && gemm_bf16::available(isa) {
@@ -60,7 +76,6 @@ pub fn matmul(x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
         }
         return;
     }
-    let format = w.format();
     PREPARED.with_borrow_mut(|prepared| {
         // Quantised formats take their activations in 8-bit blocks, prepared once per token here
         // rather than once per weight row.
@@ -78,6 +93,16 @@ pub fn matmul(x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
             &[]
         };
         let row_task = |row: usize, dst: SharedMut| {
+            if multi {
+                let mut values = [0.0f32; 16];
+                let values = &mut values[..n];
+                dot_row_prepared_multi_with(isa, w, row, prepared, values);
+                for (t, &value) in values.iter().enumerate() {
+                    // SAFETY: `t * rows + row < n * rows == out.len()`, and row `row` belongs to one task.
+                    unsafe { dst.write(t * rows + row, value) };
+                }
+                return;
+            }
             for t in 0..n {
                 let xt = &x[t * cols..(t + 1) * cols];
                 let value = match prepared.get(t) {
@@ -230,6 +255,76 @@ mod tests {
                             (got - exact).abs() <= 1e-2 * magnitude,
                             "{format:?} n={n}: {got} vs {exact}"
                         );
+                    }
+                }
+            }
+        }
+    }
+
+    /// 2..=16 tokens of every quantised format, odd row counts and block counts that leave
+    /// `Q8_0` blocks over after the unrolled loop (the multi-token kernels where the CPU has them):
+    /// within 1e-5 of the magnitude of the terms the kernel sums, of the f64 dot with the rounded
+    /// activations `x̂` (the integer sums are exact; only f32 scale products round). For `Q8_0`
+    /// those terms are `d_w·(q_w + 128)·x̂` (the `+128` taken back with `Σx̂`), else `|w·x̂|`. And
+    /// within 1e-2 · Σ|w·x| of the exact dot, as in `quantized_formats_against_f64` (the only rule
+    /// where the integer GEMM runs).
+    #[test]
+    fn small_batches_against_f64() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(33);
+        for format in [
+            WeightFormat::Q8_0,
+            WeightFormat::Q4K,
+            WeightFormat::Q4_0,
+            WeightFormat::Q6K,
+        ] {
+            for &(rows, blocks) in &[(1usize, 1usize), (7, 3), (13, 9), (301, 5)] {
+                let cols = blocks * format.block_size();
+                let vals: Vec<f32> = (0..rows * cols)
+                    .map(|_| rng.random_range(-1.0f32..1.0).powi(3))
+                    .collect();
+                let bytes = crate::quant::quantize(format, &vals).unwrap();
+                let w = WeightMatrix::new(rows, cols, format, ByteView::from_vec(bytes)).unwrap();
+                let decoded: Vec<f64> = w.to_f32().iter().map(|&v| v as f64).collect();
+                // |d_w| of each value's block (Q8_0), for the offset terms.
+                let block_scale: Vec<f64> = (0..rows * cols)
+                    .map(|i| {
+                        if format != WeightFormat::Q8_0 {
+                            return 0.0;
+                        }
+                        let (r, c) = (i / cols, i % cols);
+                        let at = (c / 32) * format.block_bytes();
+                        let b = &w.row_bytes(r)[at..at + 2];
+                        half::f16::from_le_bytes([b[0], b[1]]).to_f64().abs()
+                    })
+                    .collect();
+                for n in 2..=16 {
+                    let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+                    let mut out = vec![0.0f32; n * rows];
+                    matmul(&x, &w, &mut out);
+                    // The integer GEMM rounds activations its own way: only the 1e-2 rule.
+                    let multi = has_multi_kernel(isa(), format) && n <= multi_max_tokens(format);
+                    let gemm =
+                        !multi && gemm_int8::supports(&w) && gemm_int8::available(isa()) && n >= GEMM_MIN_TOKENS_INT8;
+                    for t in 0..n {
+                        let xt = &x[t * cols..(t + 1) * cols];
+                        let xq = PreparedActivations::new(format, xt).dequantized();
+                        for r in 0..rows {
+                            let (mut exact, mut magnitude, mut exact_q, mut magnitude_q) = (0.0, 0.0, 0.0, 0.0);
+                            for c in 0..cols {
+                                let (wv, s) = (decoded[r * cols + c], block_scale[r * cols + c]);
+                                exact += wv * xt[c] as f64;
+                                magnitude += (wv * xt[c] as f64).abs();
+                                exact_q += wv * xq[c] as f64;
+                                magnitude_q += ((wv.abs() + 128.0 * s) * xq[c] as f64).abs();
+                            }
+                            let got = out[t * rows + r] as f64;
+                            let name = format!("{format:?} n={n} rows={rows} cols={cols} t={t} r={r}");
+                            assert!(
+                                gemm || (got - exact_q).abs() <= 1e-5 * magnitude_q + 1e-30,
+                                "{name}: {got} vs {exact_q}"
+                            );
+                            assert!((got - exact).abs() <= 1e-2 * magnitude, "{name}: {got} vs {exact}");
+                        }
                     }
                 }
             }

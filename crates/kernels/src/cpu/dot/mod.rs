@@ -15,6 +15,8 @@ mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 #[cfg(target_arch = "x86_64")]
+mod x86_multi;
+#[cfg(target_arch = "x86_64")]
 mod x86_q32;
 #[cfg(target_arch = "x86_64")]
 mod x86_qk;
@@ -134,6 +136,50 @@ pub fn dot_row_prepared_with(isa: Isa, w: &WeightMatrix, row: usize, x: &[f32], 
         quant::dot_prepared(isa, format, w.row_bytes(row), prepared)
     } else {
         dot_row_with(isa, w, row, x)
+    }
+}
+
+/// Whether [`dot_row_prepared_multi_with`] has a kernel for `format` weights under `isa`: one
+/// weight row against several prepared activation rows, each block decoded once for all of them.
+#[inline]
+pub fn has_multi_kernel(isa: Isa, format: WeightFormat) -> bool {
+    cfg!(target_arch = "x86_64") && isa == Isa::Avx512Vnni && matches!(format, WeightFormat::Q8_0 | WeightFormat::Q4K)
+}
+
+/// `out[t] = w[row] · x_t` for every prepared activation row `prepared[t]`, each fitting `w`
+/// (see [`PreparedActivations::fits`]), where [`has_multi_kernel`] holds for `isa`, which must be
+/// one of [`Isa::available`]. Otherwise per-row dot products over the prepared activations.
+pub fn dot_row_prepared_multi_with(
+    isa: Isa,
+    w: &WeightMatrix,
+    row: usize,
+    prepared: &[PreparedActivations],
+    out: &mut [f32],
+) {
+    let (format, cols) = (w.format(), w.cols());
+    assert_eq!(out.len(), prepared.len(), "one output per activation row");
+    let bytes = w.row_bytes(row);
+    #[cfg(target_arch = "x86_64")]
+    if has_multi_kernel(isa, format) && prepared.iter().all(|p| p.fits(format, cols)) {
+        for (xs, out) in prepared
+            .chunks(x86_multi::MAX_TOKENS)
+            .zip(out.chunks_mut(x86_multi::MAX_TOKENS))
+        {
+            // SAFETY: `has_multi_kernel` admits only `Isa::Avx512Vnni`, produced by
+            // `Isa::available` after detecting avx512f/bw/vl/vnni, avx2, fma and f16c; the
+            // kernels bound their loads by the slices; chunks hold 1..=MAX_TOKENS rows.
+            unsafe {
+                match format {
+                    WeightFormat::Q8_0 => x86_multi::dot_q8_0_multi_avx512vnni(bytes, xs, out),
+                    _ => x86_multi::dot_q4_k_multi_avx512vnni(bytes, xs, out),
+                }
+            }
+        }
+        return;
+    }
+    for (p, o) in prepared.iter().zip(out.iter_mut()) {
+        assert!(p.fits(format, cols), "activations prepared for other weights");
+        *o = quant::dot_prepared(isa, format, bytes, p);
     }
 }
 

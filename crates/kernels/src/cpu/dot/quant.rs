@@ -233,4 +233,56 @@ mod tests {
             dot_row_with(Isa::Scalar, &dense, 0, &x)
         );
     }
+
+    /// One weight row against 1..=16 prepared rows at once (chunks of the multi-token kernels
+    /// where the CPU has them), random stored bytes and the hard activation kinds: within 1e-5 of
+    /// the magnitude of the summed terms, of the f64 dot with the rounded activations. For `Q8_0`
+    /// those terms are `d_w·(q_w + 128)·x̂` (the kernel takes the `+128` back with `Σx̂`).
+    #[test]
+    fn multi_row_dots_match_f64() {
+        use super::super::dot_row_prepared_multi_with;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        for format in FORMATS {
+            let (rows, blocks) = (3usize, 9usize);
+            let cols = blocks * format.block_size();
+            let bytes = random_blocks(format, rows * blocks, &mut rng);
+            let w = WeightMatrix::new(rows, cols, format, ByteView::from_vec(bytes)).unwrap();
+            let mut decoded = vec![0.0f32; cols];
+            for n in [1usize, 2, 5, 8, 11, 16] {
+                let prepared: Vec<PreparedActivations> = (0..n)
+                    .map(|k| PreparedActivations::new(format, &activations(cols, k % 3, &mut rng)))
+                    .collect();
+                for row in 0..rows {
+                    w.dequantize_row(row, &mut decoded);
+                    let offset: Vec<f64> = (0..cols)
+                        .map(|c| {
+                            if format != WeightFormat::Q8_0 {
+                                return 0.0;
+                            }
+                            let at = (c / 32) * format.block_bytes();
+                            let b = &w.row_bytes(row)[at..at + 2];
+                            128.0 * half::f16::from_le_bytes([b[0], b[1]]).to_f64().abs()
+                        })
+                        .collect();
+                    for isa in Isa::available() {
+                        let mut out = vec![0.0f32; n];
+                        dot_row_prepared_multi_with(isa, &w, row, &prepared, &mut out);
+                        for (t, (p, &got)) in prepared.iter().zip(&out).enumerate() {
+                            let xq = p.dequantized();
+                            let exact: f64 = decoded.iter().zip(&xq).map(|(&w, &x)| w as f64 * x as f64).sum();
+                            let magnitude: f64 = (0..cols)
+                                .map(|c| ((decoded[c] as f64).abs() + offset[c]) * (xq[c] as f64).abs())
+                                .sum();
+                            assert!(
+                                (got as f64 - exact).abs() <= 1e-5 * magnitude + 1e-30,
+                                "{} {} n={n} row {row} t={t}: {got} vs {exact}",
+                                isa.name(),
+                                format.name()
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

@@ -38,7 +38,7 @@ pub(super) unsafe fn f16_splat512(p: *const u8) -> __m512 {
 
 /// Four f16 at `p`, `p + stride`, ... as f32.
 #[inline(always)]
-unsafe fn f16_load4(p: *const u8, stride: usize) -> __m128 {
+pub(super) unsafe fn f16_load4(p: *const u8, stride: usize) -> __m128 {
     // SAFETY: the caller guarantees two readable bytes at each of the four addresses.
     unsafe {
         let h = |k: usize| (p.add(k * stride) as *const u16).read_unaligned() as i16;

@@ -30,7 +30,7 @@ fn blocks(w: &[u8], block_bytes: usize, x: &PreparedActivations) -> usize {
 /// The unpacked `Q4_K` scales (bytes 0..8) and mins (bytes 8..16) of the super-block at `block`:
 /// the word arithmetic of `q4_k::scales_mins_words`, on 32-bit vector lanes.
 #[inline(always)]
-unsafe fn q4k_scales_mins(block: *const u8) -> __m128i {
+pub(super) unsafe fn q4k_scales_mins(block: *const u8) -> __m128i {
     // SAFETY: the caller guarantees a whole super-block at `block` (bytes 4..20 are read);
     // AVX2 is enabled by the callers.
     unsafe {
