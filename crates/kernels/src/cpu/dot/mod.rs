@@ -10,6 +10,7 @@
 //! [`dot_row_prepared`] (activations rounded once per row to 8-bit blocks by
 //! [`PreparedActivations`], then integer dot products — the fast path a matmul uses).
 
+mod fp8;
 mod quant;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
@@ -102,13 +103,7 @@ pub fn dot_row_with(isa: Isa, w: &WeightMatrix, row: usize, x: &[f32]) -> f32 {
     let bytes = w.row_bytes(row);
     match w.format() {
         WeightFormat::F8E4M3Block { block_cols, .. } => {
-            let scales = w.row_block_scales(row);
-            bytes
-                .chunks(block_cols)
-                .zip(x.chunks(block_cols))
-                .zip(scales)
-                .map(|((q, xs), &scale)| fp8_dot(isa, q, xs) * scale)
-                .sum()
+            fp8::dot_row(isa, bytes, w.row_block_scales(row), block_cols, x)
         }
         WeightFormat::F32 => dense_dot(isa, Dense::F32, bytes, x),
         WeightFormat::Bf16 => dense_dot(isa, Dense::Bf16, bytes, x),
@@ -228,20 +223,6 @@ fn dense_dot(isa: Isa, kind: Dense, bytes: &[u8], x: &[f32]) -> f32 {
             Dense::Bf16 => scalar::dot_bf16(bytes, x),
             Dense::F16 => scalar::dot_f16(bytes, x),
         },
-    }
-}
-
-/// Unscaled dot product of FP8 E4M3 bytes with `x`.
-#[inline]
-fn fp8_dot(isa: Isa, q: &[u8], x: &[f32]) -> f32 {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: see `dense_dot`: the variant proves the features were detected.
-        Isa::Avx512 | Isa::Avx512Vnni => unsafe { x86::dot_fp8_avx512(q, x) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        Isa::Avx2 => unsafe { x86::dot_fp8_avx2(q, x) },
-        _ => scalar::dot_fp8(q, x),
     }
 }
 

@@ -1,6 +1,5 @@
 //! AVX2 and AVX-512 dot products. Weights are widened to f32 in registers: BF16 by a 16-bit
-//! shift, F16 by `vcvtph2ps`, and FP8 E4M3 by placing its bits in an F16 (whose exponent bias is
-//! 8 more, so the value is the FP8 value / 256, subnormals included) and converting that.
+//! shift, F16 by `vcvtph2ps` (FP8 E4M3 block rows are in `fp8.rs`).
 //!
 //! Every function here is `unsafe` only because of its `target_feature`: callers must have
 //! detected the features (see `Isa::available`). Loads are unaligned and stay within the slices:
@@ -10,9 +9,6 @@
 use std::arch::x86_64::*;
 
 use super::scalar;
-
-/// FP8 decoded through F16 comes out 2^-8 too small.
-const FP8_VIA_F16_SCALE: f32 = 256.0;
 
 #[inline(always)]
 fn hsum256(v: __m256) -> f32 {
@@ -24,27 +20,6 @@ fn hsum256(v: __m256) -> f32 {
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
         _mm_cvtss_f32(s)
-    }
-}
-
-/// FP8 E4M3 bytes (zero-extended to 16 bits) → the F16 bit pattern of value / 256.
-#[inline(always)]
-fn fp8_to_f16_bits_256(bytes16: __m256i) -> __m256i {
-    // SAFETY: register-only AVX2 integer ops.
-    unsafe {
-        let sign = _mm256_slli_epi16::<8>(_mm256_and_si256(bytes16, _mm256_set1_epi16(0x80)));
-        let magnitude = _mm256_slli_epi16::<7>(_mm256_and_si256(bytes16, _mm256_set1_epi16(0x7f)));
-        _mm256_or_si256(sign, magnitude)
-    }
-}
-
-#[inline(always)]
-fn fp8_to_f16_bits_128(bytes16: __m128i) -> __m128i {
-    // SAFETY: register-only SSE2 integer ops.
-    unsafe {
-        let sign = _mm_slli_epi16::<8>(_mm_and_si128(bytes16, _mm_set1_epi16(0x80)));
-        let magnitude = _mm_slli_epi16::<7>(_mm_and_si128(bytes16, _mm_set1_epi16(0x7f)));
-        _mm_or_si128(sign, magnitude)
     }
 }
 
@@ -100,17 +75,6 @@ pub unsafe fn dot_f16_avx2(bytes: &[u8], x: &[f32]) -> f32 {
     sum + scalar::dot_f16(&bytes[done * 2..n * 2], &x[done..n])
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_fp8_avx2(q: &[u8], x: &[f32]) -> f32 {
-    let n = x.len().min(q.len());
-    let w = q.as_ptr();
-    let (sum, done) = fma_loop_avx2(n, x, |i| {
-        let bytes = _mm_cvtepu8_epi16(_mm_loadl_epi64(w.add(i) as *const __m128i));
-        _mm256_cvtph_ps(fp8_to_f16_bits_128(bytes))
-    });
-    sum * FP8_VIA_F16_SCALE + scalar::dot_fp8(&q[done..n], &x[done..n])
-}
-
 // ---------------------------------------------------------------------------------------------
 // AVX-512: 16 lanes, 4 accumulators, masked tail.
 
@@ -164,15 +128,4 @@ pub unsafe fn dot_f16_avx512(bytes: &[u8], x: &[f32]) -> f32 {
     fma_loop_avx512(n, x, |i, mask| {
         _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, w.add(i)))
     })
-}
-
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-pub unsafe fn dot_fp8_avx512(q: &[u8], x: &[f32]) -> f32 {
-    let n = x.len().min(q.len());
-    let w = q.as_ptr() as *const i8;
-    let sum = fma_loop_avx512(n, x, |i, mask| {
-        let bytes = _mm256_cvtepu8_epi16(_mm_maskz_loadu_epi8(mask, w.add(i)));
-        _mm512_cvtph_ps(fp8_to_f16_bits_256(bytes))
-    });
-    sum * FP8_VIA_F16_SCALE
 }
