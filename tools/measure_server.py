@@ -23,57 +23,47 @@ import time
 import urllib.parse
 
 
-def first_token_ms(url, model, prompt_ids):
+def token_arrivals(url, request):
+    """Streams a /v1/completions request; yields the arrival time of each chunk with a token."""
     parts = urllib.parse.urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=600)
-    body = json.dumps(
-        {"model": model, "prompt": prompt_ids, "max_tokens": 1, "stream": True, "temperature": 0}
-    )
-    start = time.perf_counter()
+    body = json.dumps(dict(request, stream=True, temperature=0))
     conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
     response = conn.getresponse()
     if response.status != 200:
         raise SystemExit(f"server answered {response.status}: {response.read()[:500]!r}")
-    for raw in response:
-        line = raw.decode().strip()
-        if line.startswith("data: ") and line != "data: [DONE]":
-            chunk = json.loads(line[len("data: "):])
-            if chunk.get("choices"):
-                elapsed = (time.perf_counter() - start) * 1000
-                conn.close()
-                return elapsed
+    try:
+        for raw in response:
+            line = raw.decode().strip()
+            if line.startswith("data: ") and line != "data: [DONE]" and json.loads(line[6:]).get("choices"):
+                yield time.perf_counter()
+    finally:
+        conn.close()
+
+
+def first_token_ms(url, model, prompt_ids):
+    start = time.perf_counter()
+    for arrival in token_arrivals(url, {"model": model, "prompt": prompt_ids, "max_tokens": 1}):
+        return (arrival - start) * 1000
     raise SystemExit("the stream ended without a token")
 
 
 def decode_tokens_per_s(url, model, prompts, max_tokens):
     """Aggregate generated tokens/s of all `prompts` sent at once: tokens after each stream's
     first, over the time from the first token of any stream to the last token of all."""
-    first, last, counts = [None] * len(prompts), [None] * len(prompts), [0] * len(prompts)
+    arrivals = [[] for _ in prompts]
 
     def run(i):
-        parts = urllib.parse.urlsplit(url)
-        conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=600)
-        body = json.dumps({"model": model, "prompt": prompts[i], "max_tokens": max_tokens, "stream": True,
-                           "temperature": 0, "ignore_eos": True})
-        conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
-        response = conn.getresponse()
-        if response.status != 200:
-            raise SystemExit(f"server answered {response.status}: {response.read()[:500]!r}")
-        for raw in response:
-            line = raw.decode().strip()
-            if line.startswith("data: ") and line != "data: [DONE]" and json.loads(line[6:]).get("choices"):
-                now = time.perf_counter()
-                first[i] = first[i] or now
-                last[i] = now
-                counts[i] += 1
-        conn.close()
+        request = {"model": model, "prompt": prompts[i], "max_tokens": max_tokens, "ignore_eos": True}
+        arrivals[i] = list(token_arrivals(url, request))
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return sum(c - 1 for c in counts) / (max(last) - min(first))
+    tokens = sum(len(a) - 1 for a in arrivals)
+    return tokens / (max(a[-1] for a in arrivals) - min(a[0] for a in arrivals))
 
 
 def main():

@@ -300,15 +300,8 @@ mod x86 {
                 }
             }
         }
-        let out = tile.out.ptr();
-        for (t, acc) in acc.iter().enumerate() {
-            for (g, &v) in acc.iter().enumerate() {
-                let valid = tile.count.saturating_sub(16 * g).min(16);
-                let mask: __mmask16 = if valid == 16 { 0xffff } else { (1u16 << valid) - 1 };
-                // SAFETY: the caller owns outputs `out_at + t·stride + r` for `r < count`.
-                unsafe { _mm512_mask_storeu_ps(out.add(tile.out_at + t * tile.out_stride + 16 * g), mask, v) };
-            }
-        }
+        // SAFETY: AVX-512F is enabled here; the caller owns outputs `out_at + t·stride + r`.
+        unsafe { crate::cpu::pack::store_tile(tile.out.ptr(), tile.out_at, tile.out_stride, tile.count, &acc) };
     }
 }
 

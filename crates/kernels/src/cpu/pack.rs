@@ -69,6 +69,31 @@ pub(crate) fn transpose16(isa: Isa, rows: &[&[u8]; 16], dst: &mut [u32]) {
     }
 }
 
+/// Writes a `T`-token × 32-row tile of accumulators (two zmm of 16 rows per token) to
+/// `out[out_at + t·out_stride + r]` for `r < count`: the epilogue of both packed GEMMs.
+///
+/// # Safety
+/// AVX-512F must be available, and the caller must own those outputs.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn store_tile<const T: usize>(
+    out: *mut f32,
+    out_at: usize,
+    out_stride: usize,
+    count: usize,
+    acc: &[[std::arch::x86_64::__m512; 2]; T],
+) {
+    use std::arch::x86_64::*;
+    for (t, acc) in acc.iter().enumerate() {
+        for (g, &v) in acc.iter().enumerate() {
+            let valid = count.saturating_sub(16 * g).min(16);
+            let mask: __mmask16 = if valid == 16 { 0xffff } else { (1u16 << valid) - 1 };
+            // SAFETY: the caller owns outputs `out_at + t·out_stride + r` for `r < count`.
+            unsafe { _mm512_mask_storeu_ps(out.add(out_at + t * out_stride + 16 * g), mask, v) };
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
