@@ -9,7 +9,8 @@ Usage:
 ids (a fresh prompt per run, so the prefix cache cannot help) and times the arrival of the first
 chunk that carries a token; prints every run and the median, in ms.
 `streams`: decode speed of one stream alone, then of `--streams` concurrent ones (short distinct
-prompts, `ignore_eos`, `--max-tokens` each); prints both aggregate tokens/s and their ratio.
+prompts, `ignore_eos`, `--max-tokens` each) counted only while all of them decode; prints both
+aggregate tokens/s and their ratio.
 Standard library only.
 """
 
@@ -49,8 +50,7 @@ def first_token_ms(url, model, prompt_ids):
 
 
 def decode_tokens_per_s(url, model, prompts, max_tokens):
-    """Aggregate generated tokens/s of all `prompts` sent at once: tokens after each stream's
-    first, over the time from the first token of any stream to the last token of all."""
+    """Aggregate decode tokens/s of all `prompts` sent at once, while all of them are decoding."""
     arrivals = [[] for _ in prompts]
 
     def run(i):
@@ -62,8 +62,11 @@ def decode_tokens_per_s(url, model, prompts, max_tokens):
         t.start()
     for t in threads:
         t.join()
-    tokens = sum(len(a) - 1 for a in arrivals)
-    return tokens / (max(a[-1] for a in arrivals) - min(a[0] for a in arrivals))
+    # steady state: only while every stream is decoding (after the last first token, before the
+    # first last token), so neither the staggered prefills nor the stragglers count
+    start, end = max(a[0] for a in arrivals), min(a[-1] for a in arrivals)
+    tokens = sum(sum(1 for t in a if start < t <= end) for a in arrivals)
+    return tokens / (end - start)
 
 
 def main():
@@ -87,6 +90,7 @@ def main():
     rng = random.Random(args.seed)
     if args.mode == "streams":
         prompt = lambda: [rng.randrange(100, args.vocab) for _ in range(16)]  # noqa: E731
+        decode_tokens_per_s(args.url, model, [prompt()], 8)  # warm-up: first touch of mapped weights
         one = decode_tokens_per_s(args.url, model, [prompt()], args.max_tokens)
         many = decode_tokens_per_s(args.url, model, [prompt() for _ in range(args.streams)], args.max_tokens)
         print(json.dumps({"streams": args.streams, "one_stream_tps": round(one, 2),
