@@ -55,11 +55,6 @@ unsafe fn decode_row_avx512(format: WeightFormat, bytes: &[u8], u: &mut [u8], s:
         return decode_row_generic(format, bytes, u, s, o);
     }
     use std::arch::x86_64::*;
-    // The bit shuffles of `dot_q6_k_avx512`: `ql` of a half in one register, `qh` broadcast to
-    // both 256-bit halves and shifted per half so that each byte's two bits land on bits 4..6.
-    let (low, high) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(0x30));
-    let shift_a = _mm512_set_epi64(2, 2, 2, 2, 4, 4, 4, 4);
-    let shift_b = _mm512_set_epi64(2, 2, 2, 2, 0, 0, 0, 0);
     let blocks = bytes.chunks_exact(q6_k::BLOCK_BYTES).zip(u.chunks_exact_mut(QK_K));
     for ((block, u), s) in blocks.zip(s.chunks_mut(16 * 16)) {
         let d = f16_at(block, 208);
@@ -70,16 +65,7 @@ unsafe fn decode_row_avx512(format: WeightFormat, bytes: &[u8], u: &mut [u8], s:
             // SAFETY: a super-block holds 210 bytes (ql: 64h..64h + 64, qh: 128 + 32h..+32) and
             // `u` 256 (128h..128h + 128).
             unsafe {
-                let ql = _mm512_loadu_si512(block.as_ptr().add(64 * h) as *const _);
-                let qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(block.as_ptr().add(128 + 32 * h) as *const _));
-                let qa = _mm512_or_si512(
-                    _mm512_and_si512(ql, low),
-                    _mm512_and_si512(_mm512_sllv_epi64(qh, shift_a), high),
-                );
-                let qb = _mm512_or_si512(
-                    _mm512_and_si512(_mm512_srli_epi16::<4>(ql), low),
-                    _mm512_and_si512(_mm512_srlv_epi64(qh, shift_b), high),
-                );
+                let (qa, qb) = super::dot::q6_k_half_avx512(block.as_ptr(), h);
                 _mm512_storeu_si512(u.as_mut_ptr().add(128 * h) as *mut _, qa);
                 _mm512_storeu_si512(u.as_mut_ptr().add(128 * h + 64) as *mut _, qb);
             }

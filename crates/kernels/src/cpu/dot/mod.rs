@@ -21,6 +21,8 @@ mod x86_multi;
 mod x86_q32;
 #[cfg(target_arch = "x86_64")]
 mod x86_qk;
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86_qk::q6_k_half_avx512;
 
 use std::sync::OnceLock;
 

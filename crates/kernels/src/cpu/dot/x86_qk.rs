@@ -176,6 +176,33 @@ pub unsafe fn dot_q6_k_avx2(w: &[u8], x: &PreparedActivations) -> f32 {
 // ---------------------------------------------------------------------------------------------
 // AVX-512
 
+/// The 6-bit quants (0..63) of one half (128 values) of a Q6_K super-block, as two 64-byte
+/// registers: `ql` of the half in one register, `qh` broadcast to both 256-bit halves and shifted
+/// per half so that each byte's two high bits land on bits 4..6.
+///
+/// # Safety
+/// AVX-512F/BW must be available and `block` must point at a whole super-block (210 bytes).
+#[inline(always)]
+pub(crate) unsafe fn q6_k_half_avx512(block: *const u8, half: usize) -> (__m512i, __m512i) {
+    // SAFETY: `ql` spans 64·half..+64 and `qh` 128 + 32·half..+32 of the 210 bytes.
+    unsafe {
+        let (low, high) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(0x30));
+        let shift_a = _mm512_set_epi64(2, 2, 2, 2, 4, 4, 4, 4);
+        let shift_b = _mm512_set_epi64(2, 2, 2, 2, 0, 0, 0, 0);
+        let ql = _mm512_loadu_si512(block.add(64 * half) as *const _);
+        let qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(block.add(128 + 32 * half) as *const __m256i));
+        let qa = _mm512_or_si512(
+            _mm512_and_si512(ql, low),
+            _mm512_and_si512(_mm512_sllv_epi64(qh, shift_a), high),
+        );
+        let qb = _mm512_or_si512(
+            _mm512_and_si512(_mm512_srli_epi16::<4>(ql), low),
+            _mm512_and_si512(_mm512_srlv_epi64(qh, shift_b), high),
+        );
+        (qa, qb)
+    }
+}
+
 #[inline(always)]
 unsafe fn q6_k_avx512<const VNNI: bool>(w: &[u8], x: &PreparedActivations) -> f32 {
     const BB: usize = q6_k::BLOCK_BYTES;
@@ -183,12 +210,6 @@ unsafe fn q6_k_avx512<const VNNI: bool>(w: &[u8], x: &PreparedActivations) -> f3
     let (wp, xq) = (w.as_ptr(), x.qs.as_ptr());
     // SAFETY: for `s < nb` the super-block's 210 bytes, 256 activations and 16 sums are in bounds.
     unsafe {
-        let low = _mm512_set1_epi8(0x0f);
-        let high = _mm512_set1_epi8(0x30);
-        // qh is broadcast to both 256-bit halves; these shifts bring the two bits each half needs
-        // to bits 4..6 of every byte.
-        let shift_a = _mm512_set_epi64(2, 2, 2, 2, 4, 4, 4, 4);
-        let shift_b = _mm512_set_epi64(2, 2, 2, 2, 0, 0, 0, 0);
         let index = [[runs(0, 4), runs(4, 4)], [runs(8, 4), runs(12, 4)]];
         let mut acc = _mm512_setzero_ps();
         for s in 0..nb {
@@ -201,16 +222,7 @@ unsafe fn q6_k_avx512<const VNNI: bool>(w: &[u8], x: &PreparedActivations) -> f3
             let offset = _mm256_slli_epi32::<5>(_mm256_madd_epi16(bsums, _mm256_cvtepi8_epi16(scales8)));
             let mut sums = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_zextsi256_si512(offset));
             for (n, index) in index.iter().enumerate() {
-                let ql = _mm512_loadu_si512(block.add(64 * n) as *const _);
-                let qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(block.add(128 + 32 * n) as *const __m256i));
-                let qa = _mm512_or_si512(
-                    _mm512_and_si512(ql, low),
-                    _mm512_and_si512(_mm512_sllv_epi64(qh, shift_a), high),
-                );
-                let qb = _mm512_or_si512(
-                    _mm512_and_si512(_mm512_srli_epi16::<4>(ql), low),
-                    _mm512_and_si512(_mm512_srlv_epi64(qh, shift_b), high),
-                );
+                let (qa, qb) = q6_k_half_avx512(block, n);
                 let xa = _mm512_loadu_si512(xq.add(QK_K * s + 128 * n) as *const _);
                 let xb = _mm512_loadu_si512(xq.add(QK_K * s + 128 * n + 64) as *const _);
                 let pa = dot4::<VNNI>(_mm512_setzero_si512(), qa, xa);
