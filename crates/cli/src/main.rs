@@ -20,6 +20,10 @@ struct Cli {
     /// Worker threads for the kernels (default: all cores).
     #[arg(short = 't', long, global = true)]
     threads: Option<usize>,
+    /// Do not keep a packed copy of the quantised and BF16 weights for the GEMMs (the copy is
+    /// about as large as the weights): less memory, slower batched decode and BF16 decode.
+    #[arg(long = "no-repack", global = true)]
+    no_repack: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -61,6 +65,7 @@ fn main() -> anyhow::Result<()> {
             .build_global()
             .context("cannot start the thread pool")?;
     }
+    r1serve_kernels::cpu::set_weight_repacking(!cli.no_repack);
     match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Inspect(args) => inspect::run(args),

@@ -160,9 +160,15 @@ fn assert_close(ours: f64, reference: f64, what: &str) {
 
 /// Greedy generation reproduces the golden tokens, with the reference's log-probabilities.
 fn check_greedy(name: &str) {
+    check_greedy_with(name, &[]);
+}
+
+/// [`check_greedy`] with extra command-line flags.
+fn check_greedy_with(name: &str, flags: &[&str]) {
     let model = fixture(name);
     for (ci, case) in golden(name).cases.iter().enumerate() {
-        let out = run_json(&generate_args(&model, &case.prompt, 16, &["--ignore-eos"]));
+        let extra: Vec<&str> = ["--ignore-eos"].iter().chain(flags).copied().collect();
+        let out = run_json(&generate_args(&model, &case.prompt, 16, &extra));
         assert_eq!(tokens(&out), case.greedy, "{name} case {ci}: greedy tokens");
         assert_eq!(out["finish_reason"], "length", "{name} case {ci}");
         // Without --echo / --top-logprobs those fields are absent.
@@ -241,6 +247,12 @@ fn greedy_reproduces_golden_llama_f32() {
 #[test]
 fn greedy_reproduces_golden_qwen2_bf16() {
     check_greedy("qwen2-bf16");
+}
+
+/// The GEMMs' per-call packing (`--no-repack`) gives the reference's tokens and logprobs too.
+#[test]
+fn greedy_reproduces_golden_without_repacking() {
+    check_greedy_with("qwen2-bf16", &["--no-repack"]);
 }
 
 #[test]

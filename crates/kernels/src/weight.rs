@@ -1,6 +1,7 @@
 //! Weight matrices kept in their stored format, borrowed from a memory map or owned.
 
-use std::sync::Arc;
+use std::any::Any;
+use std::sync::{Arc, OnceLock};
 
 use crate::dtype::{bf16_to_f32, f16_to_f32, WeightFormat, FP8_E4M3_TABLE};
 
@@ -97,6 +98,18 @@ impl std::fmt::Debug for ByteView {
     }
 }
 
+/// A backend's own form of a matrix (repacked for its kernels), built once on first use and
+/// shared by the matrix's clones.
+#[derive(Clone, Default)]
+struct BackendCopy(Arc<OnceLock<Box<dyn Any + Send + Sync>>>);
+
+impl std::fmt::Debug for BackendCopy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = if self.0.get().is_some() { "built" } else { "none" };
+        write!(f, "BackendCopy({state})")
+    }
+}
+
 /// A `[rows, cols]` row-major weight matrix (rows = output features, as in `nn.Linear`).
 #[derive(Clone, Debug)]
 pub struct WeightMatrix {
@@ -106,6 +119,7 @@ pub struct WeightMatrix {
     data: ByteView,
     /// FP8 only: `[ceil(rows / block_rows), ceil(cols / block_cols)]` multipliers.
     block_scales: Option<Arc<[f32]>>,
+    backend_copy: BackendCopy,
 }
 
 impl WeightMatrix {
@@ -138,6 +152,7 @@ impl WeightMatrix {
             format,
             data,
             block_scales: None,
+            backend_copy: BackendCopy::default(),
         })
     }
 
@@ -181,6 +196,21 @@ impl WeightMatrix {
 
     pub fn format(&self) -> WeightFormat {
         self.format
+    }
+
+    /// The backend's own copy of this matrix, built by `build` on the first call. A matrix serves
+    /// one backend: asking for a different type than the one built is a bug.
+    pub fn backend_copy<T: Any + Send + Sync>(&self, build: impl FnOnce() -> T) -> &T {
+        self.backend_copy
+            .0
+            .get_or_init(|| Box::new(build()))
+            .downcast_ref()
+            .expect("a weight matrix keeps one backend's copy")
+    }
+
+    /// The backend's copy of this matrix, if one was built.
+    pub fn built_backend_copy<T: Any + Send + Sync>(&self) -> Option<&T> {
+        self.backend_copy.0.get().and_then(|copy| copy.downcast_ref())
     }
 
     /// Bytes a full pass over this matrix reads (weights and scales).

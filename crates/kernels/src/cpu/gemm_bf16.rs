@@ -65,11 +65,12 @@ pub fn available(isa: Isa) -> bool {
 /// [`single_rounding`], f32 otherwise. `isa` must be one of [`Isa::available`]; the BF16 instructions are used
 /// when [`available`] says so, the scalar reference kernel otherwise.
 pub fn gemm_bf16(isa: Isa, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
-    gemm_bf16_with(isa, single_rounding(), x, w, out)
+    gemm_bf16_with(isa, single_rounding(), super::weight_repacking(), x, w, out)
 }
 
-/// [`gemm_bf16`] with the activations' precision chosen by the caller (`bf16`: rounded to BF16).
-pub fn gemm_bf16_with(isa: Isa, bf16: bool, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
+/// [`gemm_bf16`] with the activations' precision (`bf16`: rounded to BF16) and whether to keep
+/// the packed panels with `w` (`repack`) chosen by the caller.
+pub fn gemm_bf16_with(isa: Isa, bf16: bool, repack: bool, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
     assert_eq!(w.format(), WeightFormat::Bf16);
     let (rows, k) = (w.rows(), w.cols());
     let n = x.len() / k.max(1);
@@ -77,6 +78,7 @@ pub fn gemm_bf16_with(isa: Isa, bf16: bool, x: &[f32], w: &WeightMatrix, out: &m
     let pairs = k.div_ceil(2);
     let stride = if bf16 { pairs } else { 2 * pairs };
     let fast = available(isa);
+    let packed = repack.then(|| w.backend_copy(|| Bf16Panels::build(isa, w)));
     ACTIVATIONS.with_borrow_mut(|xb| {
         xb.resize(n * stride);
         let xb = xb.as_mut_slice();
@@ -93,31 +95,60 @@ pub fn gemm_bf16_with(isa: Isa, bf16: bool, x: &[f32], w: &WeightMatrix, out: &m
             });
         let xb: &[u32] = xb;
         let dst = SharedMut::new(out);
-        (0..rows.div_ceil(PANEL_ROWS)).into_par_iter().for_each(|p| {
+        let run_panel = |p: usize, panel: &[u32]| {
             let first = p * PANEL_ROWS;
-            let count = PANEL_ROWS.min(rows - first);
-            PANEL.with_borrow_mut(|(panel, zeros)| {
-                pack_panel(isa, w, first, count, panel, zeros);
-                let panel = panel.as_slice();
-                let mut t = 0;
-                while t < n {
-                    let tokens = TILE_TOKENS.min(n - t);
-                    let tile = Tile {
-                        w: panel,
-                        pairs,
-                        bf16,
-                        x: &xb[t * stride..(t + tokens) * stride],
-                        out: dst,
-                        out_at: t * rows + first,
-                        out_stride: rows,
-                        count,
-                    };
-                    tile.run(fast, tokens);
-                    t += tokens;
-                }
+            let mut t = 0;
+            while t < n {
+                let tokens = TILE_TOKENS.min(n - t);
+                let tile = Tile {
+                    w: panel,
+                    pairs,
+                    bf16,
+                    x: &xb[t * stride..(t + tokens) * stride],
+                    out: dst,
+                    out_at: t * rows + first,
+                    out_stride: rows,
+                    count: PANEL_ROWS.min(rows - first),
+                };
+                tile.run(fast, tokens);
+                t += tokens;
+            }
+        };
+        (0..rows.div_ceil(PANEL_ROWS))
+            .into_par_iter()
+            .for_each(|p| match packed {
+                Some(packed) => run_panel(p, packed.panel(p)),
+                None => PANEL.with_borrow_mut(|(panel, zeros)| {
+                    panel.resize(PANEL_ROWS * pairs);
+                    pack_panel(isa, w, p, panel.as_mut_slice(), zeros);
+                    run_panel(p, panel.as_slice());
+                }),
             });
-        });
     });
+}
+
+/// Every 32-row panel of a BF16 matrix packed once and kept (see [`super::weight_repacking`]).
+pub(crate) struct Bf16Panels {
+    words: AlignedBuf,
+    panel_words: usize,
+}
+
+impl Bf16Panels {
+    fn build(isa: Isa, w: &WeightMatrix) -> Self {
+        let panel_words = PANEL_ROWS * w.cols().div_ceil(2);
+        let mut words = AlignedBuf::default();
+        words.resize(w.rows().div_ceil(PANEL_ROWS) * panel_words);
+        words
+            .as_mut_slice()
+            .par_chunks_mut(panel_words)
+            .enumerate()
+            .for_each_init(Vec::new, |zeros, (p, dst)| pack_panel(isa, w, p, dst, zeros));
+        Self { words, panel_words }
+    }
+
+    fn panel(&self, p: usize) -> &[u32] {
+        &self.words.as_slice()[p * self.panel_words..(p + 1) * self.panel_words]
+    }
 }
 
 /// One token's activations rounded (to nearest even) to BF16, as little-endian pairs; an odd
@@ -137,16 +168,17 @@ fn to_bf16_pairs(fast: bool, x: &[f32], dst: &mut [u32]) {
     }
 }
 
-/// Packs rows `first..first + count` (≤ 32) into two groups of `16 × pairs` dwords; rows past
-/// `count` are zeros.
-fn pack_panel(isa: Isa, w: &WeightMatrix, first: usize, count: usize, panel: &mut AlignedBuf, zeros: &mut Vec<u8>) {
+/// Packs panel `p` (rows `32p..`, at most 32) into `panel`: two groups of `16 × pairs` dwords;
+/// rows past the end are zeros.
+fn pack_panel(isa: Isa, w: &WeightMatrix, p: usize, panel: &mut [u32], zeros: &mut Vec<u8>) {
     let pairs = w.cols().div_ceil(2);
+    let first = p * PANEL_ROWS;
+    let count = PANEL_ROWS.min(w.rows() - first);
     let row_len = w.row_bytes(first).len();
-    panel.resize(PANEL_ROWS * pairs);
     if zeros.len() < row_len {
         zeros.resize(row_len, 0);
     }
-    for (g, dst) in panel.as_mut_slice().chunks_exact_mut(16 * pairs).enumerate() {
+    for (g, dst) in panel.chunks_exact_mut(16 * pairs).enumerate() {
         let rows: [&[u8]; 16] = std::array::from_fn(|i| {
             let r = 16 * g + i;
             if r < count {
@@ -330,14 +362,27 @@ mod tests {
             let bf: Vec<u16> = (0..rows * k)
                 .map(|_| half::bf16::from_f32(rng.random_range(-2.0..2.0)).to_bits())
                 .collect();
-            let bytes = bf.iter().flat_map(|b| b.to_le_bytes()).collect();
-            let w = WeightMatrix::new(rows, k, WeightFormat::Bf16, ByteView::from_vec(bytes)).unwrap();
+            let bytes: Vec<u8> = bf.iter().flat_map(|b| b.to_le_bytes()).collect();
+            // A fresh matrix per run, so that each ISA packs the panels it keeps.
+            let matrix = || WeightMatrix::new(rows, k, WeightFormat::Bf16, ByteView::from_vec(bytes.clone())).unwrap();
             let wf: Vec<f64> = bf.iter().map(|&b| half::bf16::from_bits(b).to_f64()).collect();
             let x: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0)).collect();
             let xr: Vec<f64> = x.iter().map(|&v| half::bf16::from_f32(v).to_f64()).collect();
-            for (isa, bf16) in Isa::available().into_iter().flat_map(|i| [(i, false), (i, true)]) {
+            let runs = Isa::available()
+                .into_iter()
+                .flat_map(|i| [(i, false), (i, true)])
+                .flat_map(|(i, bf16)| [(i, bf16, false), (i, bf16, true)]);
+            for (isa, bf16, repack) in runs {
+                let w = matrix();
                 let mut out = vec![f32::NAN; n * rows];
-                gemm_bf16_with(isa, bf16, &x, &w, &mut out);
+                gemm_bf16_with(isa, bf16, repack, &x, &w, &mut out);
+                if repack {
+                    // The second call multiplies with the panels the first one kept.
+                    assert!(w.built_backend_copy::<Bf16Panels>().is_some());
+                    let mut again = vec![f32::NAN; n * rows];
+                    gemm_bf16_with(isa, bf16, repack, &x, &w, &mut again);
+                    assert_eq!(again, out);
+                }
                 for t in 0..n {
                     for r in 0..rows {
                         let (mut exact, mut exact_r, mut mag) = (0.0, 0.0, 0.0);
@@ -347,7 +392,10 @@ mod tests {
                             mag += (wf[r * k + c] * x[t * k + c] as f64).abs();
                         }
                         let got = out[t * rows + r] as f64;
-                        let name = format!("{} bf16 {bf16} rows {rows} k {k} n {n} [{t}][{r}]", isa.name());
+                        let name = format!(
+                            "{} bf16 {bf16} repack {repack} rows {rows} k {k} n {n} [{t}][{r}]",
+                            isa.name()
+                        );
                         if !bf16 {
                             assert!((got - exact).abs() <= 1e-5 * mag + 1e-30, "{name}: {got} vs {exact}");
                         } else {

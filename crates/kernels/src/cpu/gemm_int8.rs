@@ -22,6 +22,7 @@ use super::dot::Isa;
 use super::int8_pack::{block_and_zero, decode_row, QuantTokens};
 use super::pack::{transpose16, AlignedBuf};
 use super::SharedMut;
+use crate::dtype::WeightFormat;
 use crate::weight::WeightMatrix;
 
 /// Rows per panel: two 16-row groups.
@@ -29,19 +30,79 @@ const PANEL_ROWS: usize = 32;
 /// Tokens per micro-kernel tile (12 integer and 12 f32 accumulators).
 const TILE_TOKENS: usize = 6;
 
-/// One panel: transposed bytes of both groups, and per group `[blocks][16]` scales and offsets.
-#[derive(Default)]
-struct Panel {
+/// Every 32-row panel of a matrix, decoded and transposed once and kept: the CPU backend's copy
+/// of block-quantised weights for this GEMM (decoding a panel per matmul costs as much as the
+/// multiply-adds when a batch holds few tokens). Per panel: both groups' transposed bytes, and per
+/// group `[blocks][16]` scales and (formats with offsets only) offsets.
+pub(crate) struct Int8Panels {
     q: AlignedBuf,
     s: Vec<f32>,
     o: Vec<f32>,
-    /// Decoding scratch: 32 rows of `u`.
-    rows: Vec<u8>,
+    /// Words of `q` per panel (`2 · 16 · k/4`) and floats of `s` (and `o`) per panel.
+    panel_words: usize,
+    panel_scales: usize,
+}
+
+impl Int8Panels {
+    /// The packed form of `w` (see [`supports`]), panels spread over the thread pool.
+    pub(crate) fn build(isa: Isa, w: &WeightMatrix) -> Self {
+        let (bk, _) = block_and_zero(w.format()).expect("panels hold block-quantised weights");
+        let (rows, k) = (w.rows(), w.cols());
+        let panels = rows.div_ceil(PANEL_ROWS);
+        let (panel_words, panel_scales) = (2 * 16 * (k / 4), PANEL_ROWS * (k / bk));
+        let offsets = has_offsets(w);
+        let mut q = AlignedBuf::default();
+        q.resize(panels * panel_words);
+        // Rows past the matrix's end keep zero scales and offsets, so they contribute nothing.
+        let mut s = vec![0.0; panels * panel_scales];
+        let mut o = if offsets {
+            vec![0.0; panels * panel_scales]
+        } else {
+            Vec::new()
+        };
+        let o_panels: Vec<&mut [f32]> = if offsets {
+            o.chunks_mut(panel_scales).collect()
+        } else {
+            (0..panels).map(|_| &mut [][..]).collect()
+        };
+        q.as_mut_slice()
+            .par_chunks_mut(panel_words)
+            .zip(s.par_chunks_mut(panel_scales))
+            .zip(o_panels)
+            .enumerate()
+            .for_each_init(Vec::new, |scratch, (p, ((q, s), o))| {
+                let first = p * PANEL_ROWS;
+                pack_panel(isa, w, first, PANEL_ROWS.min(rows - first), bk, scratch, q, s, o);
+            });
+        Self {
+            q,
+            s,
+            o,
+            panel_words,
+            panel_scales,
+        }
+    }
+
+    /// Panel `p`'s transposed bytes, scales and offsets.
+    fn panel(&self, p: usize) -> (&[u32], &[f32], &[f32]) {
+        let scales = p * self.panel_scales..(p + 1) * self.panel_scales;
+        let offsets = if self.o.is_empty() { 0..0 } else { scales.clone() };
+        (
+            &self.q.as_slice()[p * self.panel_words..(p + 1) * self.panel_words],
+            &self.s[scales],
+            &self.o[offsets],
+        )
+    }
+}
+
+/// Whether `w`'s format has per-block offsets (`Q4_K`'s mins).
+fn has_offsets(w: &WeightMatrix) -> bool {
+    block_and_zero(w.format()).is_some_and(|(_, zero)| zero == 0)
 }
 
 thread_local! {
     static TOKENS: RefCell<QuantTokens> = RefCell::new(QuantTokens::default());
-    static PANEL: RefCell<Panel> = RefCell::new(Panel::default());
+    static SCRATCH: RefCell<PanelScratch> = RefCell::new(PanelScratch::default());
 }
 
 /// Whether this GEMM runs on `isa` with its integer instructions (AVX512-VNNI). (The scalar
@@ -52,77 +113,146 @@ pub fn available(isa: Isa) -> bool {
 
 /// Whether `w` can go through [`gemm_int8`]: a block-quantised format.
 pub fn supports(w: &WeightMatrix) -> bool {
-    block_and_zero(w.format()).is_some()
+    supports_format(w.format())
+}
+
+/// Whether weights of `format` can go through [`gemm_int8`].
+pub fn supports_format(format: WeightFormat) -> bool {
+    block_and_zero(format).is_some()
 }
 
 /// `out[n, rows] = x[n, cols] · wᵀ` for block-quantised `w` (see [`supports`]), with activations
 /// rounded to 8 bits. `isa` must be one of [`Isa::available`]; the VNNI kernel runs when
-/// [`available`] says so, the scalar reference kernel otherwise.
+/// [`available`] says so, the scalar reference kernel otherwise. With [`super::weight_repacking`]
+/// the first call packs all of `w`'s panels and keeps them with the matrix; otherwise each call
+/// packs one panel at a time into scratch.
 pub fn gemm_int8(isa: Isa, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
+    gemm_int8_with(isa, super::weight_repacking(), x, w, out)
+}
+
+/// [`gemm_int8`], keeping the packed panels with `w` or not as the caller says (`repack`).
+pub fn gemm_int8_with(isa: Isa, repack: bool, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
     let (bk, zero) = block_and_zero(w.format()).expect("gemm_int8 takes block-quantised weights");
     let (rows, k) = (w.rows(), w.cols());
     let n = x.len() / k.max(1);
     assert_eq!(out.len(), n * rows, "gemm output must be [n, rows]");
     let fast = available(isa);
+    let packed = repack.then(|| w.backend_copy(|| Int8Panels::build(isa, w)));
     TOKENS.with_borrow_mut(|tokens| {
         tokens.prepare(isa, x, k, bk, zero);
         let tokens = &*tokens;
         let dst = SharedMut::new(out);
-        (0..rows.div_ceil(PANEL_ROWS)).into_par_iter().for_each(|p| {
+        let run_panel = |p: usize, q: &[u32], s: &[f32], o: &[f32]| {
             let first = p * PANEL_ROWS;
-            let count = PANEL_ROWS.min(rows - first);
-            PANEL.with_borrow_mut(|panel| {
-                pack_panel(isa, w, first, count, bk, panel);
-                let mut t = 0;
-                while t < n {
-                    let size = TILE_TOKENS.min(n - t);
-                    let tile = Tile {
-                        panel,
-                        tokens,
-                        first_token: t,
-                        out: dst,
-                        out_at: t * rows + first,
-                        out_stride: rows,
-                        count,
-                    };
-                    tile.run(fast, size, bk, zero == 0);
-                    t += size;
+            let mut t = 0;
+            while t < n {
+                let size = TILE_TOKENS.min(n - t);
+                let tile = Tile {
+                    q,
+                    s,
+                    o,
+                    tokens,
+                    first_token: t,
+                    out: dst,
+                    out_at: t * rows + first,
+                    out_stride: rows,
+                    count: PANEL_ROWS.min(rows - first),
+                };
+                tile.run(fast, size, bk, zero == 0);
+                t += size;
+            }
+        };
+        (0..rows.div_ceil(PANEL_ROWS))
+            .into_par_iter()
+            .for_each(|p| match packed {
+                Some(packed) => {
+                    let (q, s, o) = packed.panel(p);
+                    run_panel(p, q, s, o);
                 }
+                None => SCRATCH.with_borrow_mut(|scratch| {
+                    let (q, s, o) = scratch.pack(isa, w, p);
+                    run_panel(p, q, s, o);
+                }),
             });
-        });
     });
 }
 
-/// Decodes rows `first..first + count` (≤ 32) and transposes them into two 16-row groups; rows
-/// past `count` have zero scales and offsets, so they contribute nothing.
-fn pack_panel(isa: Isa, w: &WeightMatrix, first: usize, count: usize, bk: usize, panel: &mut Panel) {
+/// One panel packed per call (when weights are not repacked once), reused across calls.
+#[derive(Default)]
+struct PanelScratch {
+    rows: Vec<u8>,
+    q: AlignedBuf,
+    s: Vec<f32>,
+    o: Vec<f32>,
+}
+
+impl PanelScratch {
+    fn pack(&mut self, isa: Isa, w: &WeightMatrix, p: usize) -> (&[u32], &[f32], &[f32]) {
+        let (bk, _) = block_and_zero(w.format()).expect("panels hold block-quantised weights");
+        let (first, k) = (p * PANEL_ROWS, w.cols());
+        let scales = PANEL_ROWS * (k / bk);
+        self.q.resize(2 * 16 * (k / 4));
+        // Scales (and offsets) of rows past the end must be zero.
+        self.s.clear();
+        self.s.resize(scales, 0.0);
+        self.o.clear();
+        self.o.resize(if has_offsets(w) { scales } else { 0 }, 0.0);
+        let count = PANEL_ROWS.min(w.rows() - first);
+        pack_panel(
+            isa,
+            w,
+            first,
+            count,
+            bk,
+            &mut self.rows,
+            self.q.as_mut_slice(),
+            &mut self.s,
+            &mut self.o,
+        );
+        (self.q.as_slice(), &self.s, &self.o)
+    }
+}
+
+/// Decodes rows `first..first + count` (≤ 32) and transposes them into two 16-row groups:
+/// `q` (`2 · 16 · k/4` words), `s` and `o` (`[group][blocks][16]`; `o` empty for formats without
+/// offsets). Scales and offsets of rows past `count` are left as they are (zero).
+#[allow(clippy::too_many_arguments)]
+fn pack_panel(
+    isa: Isa,
+    w: &WeightMatrix,
+    first: usize,
+    count: usize,
+    bk: usize,
+    scratch: &mut Vec<u8>,
+    q: &mut [u32],
+    s: &mut [f32],
+    o: &mut [f32],
+) {
     let k = w.cols();
     let blocks = k / bk;
-    panel.rows.resize(PANEL_ROWS * k, 0);
-    // Scales of missing rows must be zero; offsets are only read for formats that have them.
-    panel.s.resize(2 * blocks * 16, 0.0);
-    panel.o.resize(2 * blocks * 16, 0.0);
-    if count < PANEL_ROWS {
-        panel.s.fill(0.0);
-        panel.o.fill(0.0);
-    }
+    scratch.resize(PANEL_ROWS * k, 0);
+    let mut no_offsets = vec![0.0; if o.is_empty() { 16 * blocks } else { 0 }];
     for r in 0..count {
         let (g, i) = (r / 16, r % 16);
         let at = g * blocks * 16 + i;
+        let o = if o.is_empty() {
+            &mut no_offsets[i..]
+        } else {
+            &mut o[at..]
+        };
         decode_row(
             isa,
             w.format(),
             w.row_bytes(first + r),
-            &mut panel.rows[r * k..(r + 1) * k],
-            &mut panel.s[at..],
-            &mut panel.o[at..],
+            &mut scratch[r * k..(r + 1) * k],
+            &mut s[at..],
+            o,
         );
     }
     let steps = k / 4;
-    panel.q.resize(2 * 16 * steps);
-    for (g, dst) in panel.q.as_mut_slice().chunks_exact_mut(16 * steps).enumerate() {
+    for (g, dst) in q.chunks_exact_mut(16 * steps).enumerate() {
         // Rows past `count` keep stale bytes: their zero scales cancel them.
-        let rows: [&[u8]; 16] = std::array::from_fn(|i| &panel.rows[(16 * g + i) * k..(16 * g + i + 1) * k]);
+        let rows: [&[u8]; 16] = std::array::from_fn(|i| &scratch[(16 * g + i) * k..(16 * g + i + 1) * k]);
         transpose16(isa, &rows, dst);
     }
 }
@@ -130,7 +260,9 @@ fn pack_panel(isa: Isa, w: &WeightMatrix, first: usize, count: usize, bk: usize,
 /// A tile of tokens against one packed panel, written to `out[out_at + t·out_stride + r]` for
 /// `r < count`.
 struct Tile<'a> {
-    panel: &'a Panel,
+    q: &'a [u32],
+    s: &'a [f32],
+    o: &'a [f32],
     tokens: &'a QuantTokens,
     first_token: usize,
     out: SharedMut,
@@ -144,9 +276,9 @@ impl Tile<'_> {
         let (k, blocks) = (self.tokens.k, self.tokens.blocks);
         let last = self.first_token + size;
         assert!(
-            self.panel.q.as_slice().len() >= 2 * 4 * k
-                && self.panel.s.len() >= 32 * blocks
-                && self.panel.o.len() >= 32 * blocks
+            self.q.len() >= 2 * 4 * k
+                && self.s.len() >= 32 * blocks
+                && (!offsets || self.o.len() >= 32 * blocks)
                 && self.tokens.qx.len() >= last * k
                 && self.tokens.init.len() >= last * blocks
                 && self.tokens.dx.len() >= last * blocks
@@ -173,7 +305,7 @@ impl Tile<'_> {
             return;
         }
         let _ = fast;
-        let (q, panel, tokens) = (self.panel.q.as_slice(), self.panel, self.tokens);
+        let (q, tokens) = (self.q, self.tokens);
         for t in self.first_token..last {
             for r in 0..self.count {
                 let (g, i) = (r / 16, r % 16);
@@ -186,10 +318,10 @@ impl Tile<'_> {
                             sum += u as i32 * tokens.qx[t * k + 4 * j + e] as i32;
                         }
                     }
-                    let (s, o) = (panel.s[(g * blocks + b) * 16 + i], panel.o[(g * blocks + b) * 16 + i]);
-                    acc += sum as f32 * (s * tokens.dx[t * blocks + b]);
+                    let at = (g * blocks + b) * 16 + i;
+                    acc += sum as f32 * (self.s[at] * tokens.dx[t * blocks + b]);
                     if offsets {
-                        acc += o * tokens.dxs[t * blocks + b];
+                        acc += self.o[at] * tokens.dxs[t * blocks + b];
                     }
                 }
                 // SAFETY: the caller owns rows `..count` of this tile's tokens in the output.
@@ -213,9 +345,9 @@ mod x86 {
     pub(super) unsafe fn tile<const T: usize, const BK: usize, const OFFSETS: bool>(tile: &Tile<'_>) {
         let (k, blocks) = (tile.tokens.k, tile.tokens.blocks);
         let t0 = tile.first_token;
-        let q0 = tile.panel.q.as_slice().as_ptr();
+        let q0 = tile.q.as_ptr();
         let q1 = q0.wrapping_add(4 * k);
-        let (s, o) = (tile.panel.s.as_ptr(), tile.panel.o.as_ptr());
+        let (s, o) = (tile.s.as_ptr(), tile.o.as_ptr());
         let qx = tile.tokens.qx.as_ptr().wrapping_add(t0 * k);
         let (init, dx, dxs) = (
             tile.tokens.init.as_ptr().wrapping_add(t0 * blocks),
@@ -298,8 +430,9 @@ mod tests {
                 let k = blocks * block;
                 let values: Vec<f32> = (0..rows * k).map(|_| rng.random_range(-1.0f32..1.0).powi(3)).collect();
                 let bytes = crate::quant::quantize(format, &values).unwrap();
-                let w = WeightMatrix::new(rows, k, format, ByteView::from_vec(bytes)).unwrap();
-                let decoded: Vec<f64> = w.to_f32().iter().map(|&v| v as f64).collect();
+                // A fresh matrix per run, so that each ISA packs the panels it keeps.
+                let matrix = || WeightMatrix::new(rows, k, format, ByteView::from_vec(bytes.clone())).unwrap();
+                let decoded: Vec<f64> = matrix().to_f32().iter().map(|&v| v as f64).collect();
                 // Zero blocks and outliers next to ordinary values.
                 let x: Vec<f32> = (0..n * k)
                     .map(|i| match (i / 32) % 5 {
@@ -312,9 +445,17 @@ mod tests {
                     .chunks_exact(k)
                     .map(|t| PreparedActivations::new(WeightFormat::Q8_0, t))
                     .collect();
-                for isa in Isa::available() {
+                for (isa, repack) in Isa::available().into_iter().flat_map(|i| [(i, false), (i, true)]) {
+                    let w = matrix();
                     let mut out = vec![f32::NAN; n * rows];
-                    gemm_int8(isa, &x, &w, &mut out);
+                    gemm_int8_with(isa, repack, &x, &w, &mut out);
+                    if repack {
+                        // The second call multiplies with the panels the first one kept.
+                        assert!(w.built_backend_copy::<Int8Panels>().is_some());
+                        let mut again = vec![f32::NAN; n * rows];
+                        gemm_int8_with(isa, repack, &x, &w, &mut again);
+                        assert_eq!(again, out);
+                    }
                     for t in 0..n {
                         let xq = rounded[t].dequantized();
                         for r in 0..rows {
@@ -332,7 +473,11 @@ mod tests {
                                 })
                                 .sum();
                             let got = out[t * rows + r] as f64;
-                            let name = format!("{} {} rows {rows} k {k} n {n} [{t}][{r}]", isa.name(), format.name());
+                            let name = format!(
+                                "{} {} repack {repack} rows {rows} k {k} n {n} [{t}][{r}]",
+                                isa.name(),
+                                format.name()
+                            );
                             assert!(
                                 (got - exact_q).abs() <= 1e-5 * magnitude_q + 1e-30,
                                 "{name}: {got} vs {exact_q}"

@@ -4,10 +4,12 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::dot::{dot_row, dot_row_prepared, dot_row_prepared_multi_with, has_multi_kernel, isa, PreparedActivations};
+use super::dot::{
+    dot_row, dot_row_prepared, dot_row_prepared_multi_with, has_multi_kernel, isa, Isa, PreparedActivations,
+};
 use super::gemm::gemm;
-use super::gemm_bf16::{self, gemm_bf16};
-use super::gemm_int8::{self, gemm_int8};
+use super::gemm_bf16::{self, gemm_bf16_with};
+use super::gemm_int8::{self, gemm_int8_with};
 use super::SharedMut;
 use crate::dtype::WeightFormat;
 use crate::weight::WeightMatrix;
@@ -15,27 +17,59 @@ use crate::weight::WeightMatrix;
 /// Below this many multiply-adds the pool costs more than it saves.
 const PARALLEL_MIN_WORK: usize = 1 << 15;
 /// From this many tokens on, decoding float weights once into f32 panels (or packing BF16 ones
-/// for the BF16 GEMM) beats fused dot products.
+/// for the BF16 GEMM each call) beats fused dot products.
 const GEMM_MIN_TOKENS: usize = 4;
-/// From this many tokens on, the integer GEMM beats the integer dot products (one thread, Zen 4,
-/// 8960×1536: at 4 tokens 45 vs 62 GFLOP/s, at 8 tokens 75–83 vs 57–64; packing each panel is
-/// what the small batches pay for).
-const GEMM_MIN_TOKENS_INT8: usize = 6;
-/// The same for block-quantised weights: decoding them to f32 costs more per step than the panels
-/// save until the batch is large (measured on Zen 4: 8 Q4_K sequences decoded at 0.44× one
-/// sequence's rate through the panels, 1.3× through the integer dots; at 64 prompt tokens the
-/// panels win for Q8_0 by ~25%).
+/// The same for block-quantised weights without the integer GEMM: decoding them to f32 costs more
+/// per step than the panels save until the batch is large (measured on Zen 4: 8 Q4_K sequences
+/// decoded at 0.44× one sequence's rate through the panels, 1.3× through the integer dots; at 64
+/// prompt tokens the panels win for Q8_0 by ~25%).
 const GEMM_MIN_TOKENS_QUANTIZED: usize = 32;
-/// Most tokens for which the multi-token integer dots (each weight block decoded once for all
-/// tokens, no packing pass) beat the integer GEMM; from 2 tokens on they beat the per-token dots.
-/// One thread, Zen 4, the R1-Distill-Qwen-1.5B shapes: `Q8_0` 82–92 GFLOP/s at 4–5 tokens vs
-/// 60–101 for the GEMM, 58–87 vs 74–134 at 8; `Q4_K` 96–109 vs 79–109 at 8, 101–117 vs
-/// 112–126 at 10.
-fn multi_max_tokens(format: WeightFormat) -> usize {
-    match format {
-        WeightFormat::Q8_0 => 5,
-        WeightFormat::Q4K => 8,
+
+/// How one matmul runs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Path {
+    /// Fused dot products, one token at a time, over the stored rows.
+    Dots,
+    /// The multi-token integer dots: each stored weight block decoded once for all tokens.
+    Multi,
+    /// A GEMM over packed panels (`gemm_int8`, `gemm_bf16` or the f32 `gemm`).
+    Gemm,
+}
+
+/// The fastest path for `n` tokens of `format` on `isa`, where `repack` says whether the GEMMs
+/// keep their panels (see [`super::weight_repacking`]). Measured on Zen 4 (2 threads,
+/// R1-Distill-Qwen-1.5B, `r1serve bench --batch N`, aggregate tokens/s):
+/// - kept panels: BF16 through the GEMM from one token (tg 9.95 vs 7.21 through the dots: the
+///   panel streams reach 0.91 of the read bandwidth, the row dots 0.69; 2 tokens 19.4 vs 10.0);
+///   `Q8_0` through the integer GEMM from 2 tokens (2: 31.6 vs 24.7 multi, 4: 55.6 vs 33.6,
+///   8: 89.5 vs 44), but not 1 (15.8 vs 16.7: the panels' f32 scales are 6% more bytes);
+///   Q4_K_M (`Q4_K` + `Q6_K`) 2 tokens 32.6 through the multi dots vs 27.6, 3: 37.2 vs 35.5;
+/// - panels packed per call: the packing is what small batches pay for — one thread, 8960×1536:
+///   at 4 tokens 45 vs 62 GFLOP/s for the dots, at 8 tokens 75–83 vs 57–64; the multi dots
+///   `Q8_0` 82–92 GFLOP/s at 4–5 tokens vs 60–101, 58–87 vs 74–134 at 8; `Q4_K` 96–109 vs
+///   79–109 at 8, 101–117 vs 112–126 at 10.
+fn choose_path(format: WeightFormat, isa: Isa, n: usize, cols: usize, repack: bool) -> Path {
+    let int8 = gemm_int8::supports_format(format) && gemm_int8::available(isa);
+    let multi_max = match (format, repack) {
+        (WeightFormat::Q8_0, false) => 5,
+        (WeightFormat::Q4K, false) => 8,
+        (WeightFormat::Q4K, true) => 2,
         _ => 0,
+    };
+    if (2..=multi_max).contains(&n) && has_multi_kernel(isa, format) && cols.is_multiple_of(format.block_size()) {
+        return Path::Multi;
+    }
+    let gemm_min = match format {
+        _ if int8 && repack => 2,
+        _ if int8 => 6,
+        WeightFormat::Bf16 if repack && gemm_bf16::available(isa) => 1,
+        _ if format.is_block_quantized() => GEMM_MIN_TOKENS_QUANTIZED,
+        _ => GEMM_MIN_TOKENS,
+    };
+    if n >= gemm_min {
+        Path::Gemm
+    } else {
+        Path::Dots
     }
 }
 
@@ -46,6 +80,11 @@ thread_local! {
 
 /// `out[n, rows] = x[n, cols] · wᵀ`; each weight row is visited once for the whole batch.
 pub fn matmul(x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
+    matmul_with(x, w, out, super::weight_repacking())
+}
+
+/// [`matmul`], with the GEMMs keeping their packed panels or not as `repack` says.
+fn matmul_with(x: &[f32], w: &WeightMatrix, out: &mut [f32], repack: bool) {
     let (rows, cols) = (w.rows(), w.cols());
     if cols == 0 {
         out.fill(0.0);
@@ -54,28 +93,22 @@ pub fn matmul(x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
     let n = x.len() / cols;
     assert_eq!(out.len(), n * rows, "matmul output must be [n, rows]");
     let isa = isa();
-    let int8 = gemm_int8::supports(w) && gemm_int8::available(isa);
-    let gemm_min = if int8 {
-        GEMM_MIN_TOKENS_INT8
-    } else if w.format().is_block_quantized() {
-        GEMM_MIN_TOKENS_QUANTIZED
-    } else {
-        GEMM_MIN_TOKENS
-    };
     let format = w.format();
-    let multi = (2..=multi_max_tokens(format)).contains(&n)
-        && has_multi_kernel(isa, format)
-        && cols.is_multiple_of(format.block_size());
-    if !multi && n >= gemm_min && rows * cols * n >= PARALLEL_MIN_WORK {
-        if int8 {
-            gemm_int8(isa, x, w, out);
-        } else if w.format() == WeightFormat::Bf16 && gemm_bf16::available(isa) {
-            gemm_bf16(isa, x, w, out);
+    let mut path = choose_path(format, isa, n, cols, repack);
+    if path == Path::Gemm && rows * cols * n < PARALLEL_MIN_WORK {
+        path = Path::Dots;
+    }
+    if path == Path::Gemm {
+        if gemm_int8::supports(w) && gemm_int8::available(isa) {
+            gemm_int8_with(isa, repack, x, w, out);
+        } else if format == WeightFormat::Bf16 && gemm_bf16::available(isa) {
+            gemm_bf16_with(isa, gemm_bf16::single_rounding(), repack, x, w, out);
         } else {
             gemm(x, w, out);
         }
         return;
     }
+    let multi = path == Path::Multi;
     PREPARED.with_borrow_mut(|prepared| {
         // Quantised formats take their activations in 8-bit blocks, prepared once per token here
         // rather than once per weight row.
@@ -262,7 +295,8 @@ mod tests {
     }
 
     /// 2..=16 tokens of every quantised format, odd row counts and block counts that leave
-    /// `Q8_0` blocks over after the unrolled loop (the multi-token kernels where the CPU has them):
+    /// `Q8_0` blocks over after the unrolled loop, panels kept or not (the multi-token kernels
+    /// where the CPU has them and the path picks them):
     /// within 1e-5 of the magnitude of the terms the kernel sums, of the f64 dot with the rounded
     /// activations `x̂` (the integer sums are exact; only f32 scale products round). For `Q8_0`
     /// those terms are `d_w·(q_w + 128)·x̂` (the `+128` taken back with `Σx̂`), else `|w·x̂|`. And
@@ -297,14 +331,14 @@ mod tests {
                         half::f16::from_le_bytes([b[0], b[1]]).to_f64().abs()
                     })
                     .collect();
-                for n in 2..=16 {
+                for (n, repack) in (2..=16).flat_map(|n| [(n, false), (n, true)]) {
                     let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
                     let mut out = vec![0.0f32; n * rows];
-                    matmul(&x, &w, &mut out);
+                    matmul_with(&x, &w, &mut out, repack);
                     // The integer GEMM rounds activations its own way: only the 1e-2 rule.
-                    let multi = has_multi_kernel(isa(), format) && n <= multi_max_tokens(format);
-                    let gemm =
-                        !multi && gemm_int8::supports(&w) && gemm_int8::available(isa()) && n >= GEMM_MIN_TOKENS_INT8;
+                    let gemm = choose_path(format, isa(), n, cols, repack) == Path::Gemm
+                        && gemm_int8::supports(&w)
+                        && gemm_int8::available(isa());
                     for t in 0..n {
                         let xt = &x[t * cols..(t + 1) * cols];
                         let xq = PreparedActivations::new(format, xt).dequantized();
@@ -318,7 +352,7 @@ mod tests {
                                 magnitude_q += ((wv.abs() + 128.0 * s) * xq[c] as f64).abs();
                             }
                             let got = out[t * rows + r] as f64;
-                            let name = format!("{format:?} n={n} rows={rows} cols={cols} t={t} r={r}");
+                            let name = format!("{format:?} n={n} repack={repack} rows={rows} cols={cols} t={t} r={r}");
                             assert!(
                                 gemm || (got - exact_q).abs() <= 1e-5 * magnitude_q + 1e-30,
                                 "{name}: {got} vs {exact_q}"

@@ -11,6 +11,8 @@ mod int8_pack;
 mod matmul;
 mod pack;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use crate::backend::{AttentionLayout, Backend, SeqSpan};
 use crate::kv_cache::PagedKvCache;
 use crate::rope::RopeTable;
@@ -20,6 +22,21 @@ pub use attention::attention;
 pub use elementwise::{add_assign, rms_norm, silu_mul};
 pub use gemm::gemm as gemm_f32_panels;
 pub use matmul::matmul;
+
+static WEIGHT_REPACKING: AtomicBool = AtomicBool::new(true);
+
+/// Whether the GEMMs keep each weight matrix packed in their panel layout after its first use
+/// (the default): batched decode then reads the weights as the kernels want them instead of
+/// repacking them every step, at the cost of a second copy of the GEMM-fed weights in memory
+/// (block-quantised ones as bytes, BF16 as stored). Off (llama.cpp's `--no-repack`), each call
+/// packs one panel at a time into scratch.
+pub fn set_weight_repacking(on: bool) {
+    WEIGHT_REPACKING.store(on, Ordering::Relaxed);
+}
+
+pub fn weight_repacking() -> bool {
+    WEIGHT_REPACKING.load(Ordering::Relaxed)
+}
 
 /// A raw pointer that parallel tasks use to write disjoint parts of one output buffer.
 #[derive(Clone, Copy)]
