@@ -33,7 +33,8 @@ const TILE_TOKENS: usize = 6;
 /// Every 32-row panel of a matrix, decoded and transposed once and kept: the CPU backend's copy
 /// of block-quantised weights for this GEMM (decoding a panel per matmul costs as much as the
 /// multiply-adds when a batch holds few tokens). Per panel: both groups' transposed bytes, and per
-/// group `[blocks][16]` scales and (formats with offsets only) offsets.
+/// group `[blocks][16]` scales and (formats with offsets only) offsets. (`Q4_K` keeps its
+/// nibbles in `gemm_q4k.rs`'s panels instead when the matmul picks that kernel.)
 pub(crate) struct Int8Panels {
     q: AlignedBuf,
     s: Vec<f32>,

@@ -10,6 +10,7 @@ use super::dot::{
 use super::gemm::gemm;
 use super::gemm_bf16::{self, gemm_bf16_with};
 use super::gemm_int8::{self, gemm_int8_with};
+use super::gemm_q4k::{self, gemm_q4k};
 use super::SharedMut;
 use crate::dtype::WeightFormat;
 use crate::weight::WeightMatrix;
@@ -43,7 +44,9 @@ enum Path {
 ///   panel streams reach 0.91 of the read bandwidth, the row dots 0.69; 2 tokens 19.4 vs 10.0);
 ///   `Q8_0` through the integer GEMM from 2 tokens (2: 31.6 vs 24.7 multi, 4: 55.6 vs 33.6,
 ///   8: 89.5 vs 44), but not 1 (15.8 vs 16.7: the panels' f32 scales are 6% more bytes);
-///   Q4_K_M (`Q4_K` + `Q6_K`) 2 tokens 32.6 through the multi dots vs 27.6, 3: 37.2 vs 35.5;
+///   Q4_K_M (`Q4_K` through `gemm_q4k`'s nibble panels, `Q6_K` through the integer GEMM) from 2
+///   tokens (2: 37.1–38.6 vs 33.3–35.7 with `Q4_K` through the multi dots; 8: 86–87), but not 1
+///   (23.5–25.4 vs 25.0–26.1 through the row dots, alternated runs);
 /// - panels packed per call: the packing is what small batches pay for — one thread, 8960×1536:
 ///   at 4 tokens 45 vs 62 GFLOP/s for the dots, at 8 tokens 75–83 vs 57–64; the multi dots
 ///   `Q8_0` 82–92 GFLOP/s at 4–5 tokens vs 60–101, 58–87 vs 74–134 at 8; `Q4_K` 96–109 vs
@@ -53,14 +56,13 @@ fn choose_path(format: WeightFormat, isa: Isa, n: usize, cols: usize, repack: bo
     let multi_max = match (format, repack) {
         (WeightFormat::Q8_0, false) => 5,
         (WeightFormat::Q4K, false) => 8,
-        (WeightFormat::Q4K, true) => 2,
         _ => 0,
     };
     if (2..=multi_max).contains(&n) && has_multi_kernel(isa, format) && cols.is_multiple_of(format.block_size()) {
         return Path::Multi;
     }
     let gemm_min = match format {
-        _ if int8 && repack => 2,
+        _ if (int8 || format == WeightFormat::Q4K && gemm_q4k::available(isa)) && repack => 2,
         _ if int8 => 6,
         WeightFormat::Bf16 if repack && gemm_bf16::available(isa) => 1,
         _ if format.is_block_quantized() => GEMM_MIN_TOKENS_QUANTIZED,
@@ -99,7 +101,9 @@ fn matmul_with(x: &[f32], w: &WeightMatrix, out: &mut [f32], repack: bool) {
         path = Path::Dots;
     }
     if path == Path::Gemm {
-        if gemm_int8::supports(w) && gemm_int8::available(isa) {
+        if format == WeightFormat::Q4K && repack && gemm_q4k::available(isa) {
+            gemm_q4k(isa, x, w, out);
+        } else if gemm_int8::supports(w) && gemm_int8::available(isa) {
             gemm_int8_with(isa, repack, x, w, out);
         } else if format == WeightFormat::Bf16 && gemm_bf16::available(isa) {
             gemm_bf16_with(isa, gemm_bf16::single_rounding(), repack, x, w, out);

@@ -7,6 +7,7 @@ mod elementwise;
 mod gemm;
 pub mod gemm_bf16;
 pub mod gemm_int8;
+pub mod gemm_q4k;
 mod int8_pack;
 mod matmul;
 mod pack;
