@@ -252,7 +252,9 @@ fn greedy_reproduces_golden_qwen2_bf16() {
 /// The GEMMs' per-call packing (`--no-repack`) gives the reference's tokens and logprobs too.
 #[test]
 fn greedy_reproduces_golden_without_repacking() {
-    check_greedy_with("qwen2-bf16", &["--no-repack"]);
+    for name in ["qwen2-bf16", "dsv3-fp8"] {
+        check_greedy_with(name, &["--no-repack"]);
+    }
 }
 
 #[test]

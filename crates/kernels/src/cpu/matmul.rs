@@ -9,6 +9,7 @@ use super::dot::{
 };
 use super::gemm::gemm;
 use super::gemm_bf16::{self, gemm_bf16_with};
+use super::gemm_fp8::{self, gemm_fp8};
 use super::gemm_int8::{self, gemm_int8_with};
 use super::gemm_q4k::{self, gemm_q4k};
 use super::SharedMut;
@@ -96,6 +97,12 @@ fn matmul_with(x: &[f32], w: &WeightMatrix, out: &mut [f32], repack: bool) {
     assert_eq!(out.len(), n * rows, "matmul output must be [n, rows]");
     let isa = isa();
     let format = w.format();
+    // FP8 blocks go through their kept panels at every token count (tg on a 3-layer R1 cut:
+    // see docs/performance.md).
+    if repack && rows * cols * n >= PARALLEL_MIN_WORK && gemm_fp8::supports(isa, w) {
+        gemm_fp8(isa, x, w, out);
+        return;
+    }
     let mut path = choose_path(format, isa, n, cols, repack);
     if path == Path::Gemm && rows * cols * n < PARALLEL_MIN_WORK {
         path = Path::Dots;

@@ -6,6 +6,7 @@ pub mod dot;
 mod elementwise;
 mod gemm;
 pub mod gemm_bf16;
+pub mod gemm_fp8;
 pub mod gemm_int8;
 pub mod gemm_q4k;
 mod int8_pack;
