@@ -167,6 +167,16 @@ pub(crate) fn load_context(
     let options = crate::load_options(r1serve_model::LoadFormat::Auto, quant);
     let model = r1serve_model::load_model_with(&model_dir, &options, Arc::new(CpuBackend))
         .with_context(|| format!("cannot load the model in {}", path.display()))?;
+    if r1serve_kernels::cpu::weight_repacking() {
+        let started = std::time::Instant::now();
+        match r1serve_engine::warm_up(model.as_ref()) {
+            Ok(()) => info!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "weights packed for the kernels"
+            ),
+            Err(e) => warn!(error = %e, "warm-up skipped: the first request packs the weights"),
+        }
+    }
     let max_num_seqs = config.max_num_seqs;
     let engine = Engine::start(Arc::from(model), config)?;
     info!(

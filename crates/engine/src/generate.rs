@@ -58,6 +58,21 @@ pub struct GenerateOutput {
     pub finish_reason: FinishReason,
 }
 
+/// Runs a two-token prompt (every row's logits, then one decoded token) over a private cache, so
+/// that what a backend prepares on first use — its packed copies of the weights — is built
+/// before the first request instead of during it. Changes nothing a later request sees.
+pub fn warm_up(model: &dyn CausalLm) -> Result<(), EngineError> {
+    let request = GenerateRequest {
+        prompt: vec![0, 0],
+        max_tokens: 1,
+        sampling: SamplingParams::greedy(),
+        stop_token_ids: Vec::new(),
+        top_logprobs: 0,
+        echo: true,
+    };
+    generate(model, &request, |_| {}).map(|_| ())
+}
+
 /// Generates from `request.prompt`, calling `on_token` with each new token as it is chosen.
 pub fn generate(
     model: &dyn CausalLm,

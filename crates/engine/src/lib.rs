@@ -25,7 +25,7 @@ pub use config::{EngineConfig, KvCacheSize, Limits};
 pub use engine::{Engine, ShutdownMode};
 pub use engine_core::{EngineCore, EventReceiver, EventSender};
 pub use error::EngineError;
-pub use generate::{generate, FinishReason, GenerateOutput, GenerateRequest};
+pub use generate::{generate, warm_up, FinishReason, GenerateOutput, GenerateRequest};
 pub use metrics::{EngineStats, FinishCounts, Histogram};
 pub use runner::ModelRunner;
 pub use sampler::{Sampler, SamplingParams};

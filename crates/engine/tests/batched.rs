@@ -82,6 +82,25 @@ fn sixteen_concurrent_requests_match_generate_deepseek_v3() {
     check_matches_generate(&model, config(16), &requests);
 }
 
+/// A warmed-up model (its packed weights built by a throw-away prompt) answers exactly as before.
+#[test]
+fn warm_up_changes_no_answer() {
+    for name in ["qwen2-bf16", "dsv3-fp8"] {
+        let model = load(name);
+        r1serve_engine::warm_up(model.as_ref()).unwrap();
+        let engine = Engine::start(model, config(4)).unwrap();
+        for case in golden(name).cases {
+            let (_, rx) = engine
+                .submit(Request {
+                    ignore_eos: true,
+                    ..greedy(case.prompt_ids.clone(), case.greedy.len())
+                })
+                .unwrap();
+            assert_eq!(collect(rx).tokens, case.greedy, "{name}");
+        }
+    }
+}
+
 #[test]
 fn golden_prompts_give_the_reference_greedy_tokens() {
     let model = load("qwen2-f32");
