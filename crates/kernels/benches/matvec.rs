@@ -173,8 +173,17 @@ fn matvec(c: &mut Criterion) {
     group.finish();
 }
 
-/// Random weights of `format` in `[-1, 1)`, quantised through the crate's own quantiser.
+/// Random weights of `format` in `[-1, 1)`, quantised through the crate's own quantiser (FP8:
+/// random non-NaN bytes with random block scales).
 fn gemm_weights(format: WeightFormat, rows: usize, cols: usize, rng: &mut rand_chacha::ChaCha8Rng) -> WeightMatrix {
+    if let WeightFormat::F8E4M3Block { block_rows, block_cols } = format {
+        let bytes = (0..rows * cols).map(|_| rng.random::<u8>() & 0xf7).collect();
+        let scales = (0..rows.div_ceil(block_rows) * cols.div_ceil(block_cols))
+            .map(|_| rng.random_range(1e-3..1e-2))
+            .collect();
+        return WeightMatrix::new_fp8_block(rows, cols, block_rows, block_cols, ByteView::from_vec(bytes), scales)
+            .unwrap();
+    }
     let values: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
     let bytes = match format {
         WeightFormat::Bf16 => values
@@ -186,10 +195,11 @@ fn gemm_weights(format: WeightFormat, rows: usize, cols: usize, rng: &mut rand_c
     WeightMatrix::new(rows, cols, format, ByteView::from_vec(bytes)).unwrap()
 }
 
-/// Prefill-shaped products (`n` tokens × the R1-Distill-Qwen-1.5B projections) on one thread, in
-/// GFLOP/s (2·n·rows·cols per call): `matmul` (whatever it dispatches to: fused dot products
-/// below its GEMM threshold), the f32 panels the packed GEMMs replace, and the packed GEMM
-/// itself where this CPU runs it. Filter e.g. `gemm/BF16`.
+/// Decode- and prefill-shaped products (`n` tokens × the R1-Distill-Qwen-1.5B projections) on one
+/// thread, in GFLOP/s (2·n·rows·cols per call): `matmul` (whatever it dispatches to: fused dot
+/// products below its GEMM threshold), the f32 panels the packed GEMMs replace, and the packed
+/// GEMMs themselves (panels kept after the first call) where this CPU runs them. Filter e.g.
+/// `gemm/BF16`.
 fn gemm(c: &mut Criterion) {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
@@ -199,10 +209,14 @@ fn gemm(c: &mut Criterion) {
         WeightFormat::Q8_0,
         WeightFormat::Q4K,
         WeightFormat::Q6K,
+        WeightFormat::F8E4M3Block {
+            block_rows: 128,
+            block_cols: 128,
+        },
     ] {
         for &(rows, cols) in &[(1536usize, 1536usize), (8960, 1536), (1536, 8960)] {
             let w = gemm_weights(format, rows, cols, &mut rng);
-            for n in [8usize, 64] {
+            for n in [1usize, 8, 64] {
                 let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
                 let mut out = vec![0.0f32; n * rows];
                 group.throughput(Throughput::ElementsAndBytes {
@@ -220,6 +234,16 @@ fn gemm(c: &mut Criterion) {
                 if format == WeightFormat::Bf16 && cpu::gemm_bf16::available(isa) {
                     group.bench_function(name("gemm_bf16"), |b| {
                         b.iter(|| pool.install(|| cpu::gemm_bf16::gemm_bf16(isa, &x, &w, &mut out)))
+                    });
+                }
+                if format == WeightFormat::Q4K && cpu::gemm_q4k::available(isa) {
+                    group.bench_function(name("gemm_q4k"), |b| {
+                        b.iter(|| pool.install(|| cpu::gemm_q4k::gemm_q4k(isa, &x, &w, &mut out)))
+                    });
+                }
+                if cpu::gemm_fp8::supports(isa, &w) {
+                    group.bench_function(name("gemm_fp8"), |b| {
+                        b.iter(|| pool.install(|| cpu::gemm_fp8::gemm_fp8(isa, &x, &w, &mut out)))
                     });
                 }
                 if cpu::gemm_int8::supports(&w) && cpu::gemm_int8::available(isa) {
