@@ -34,7 +34,8 @@ enum Path {
     Dots,
     /// The multi-token integer dots: each stored weight block decoded once for all tokens.
     Multi,
-    /// A GEMM over packed panels (`gemm_int8`, `gemm_bf16` or the f32 `gemm`).
+    /// A GEMM over packed panels (`gemm_int8`, `gemm_q4k`, `gemm_bf16` or the f32 `gemm`; FP8
+    /// blocks take `gemm_fp8` before the path is chosen).
     Gemm,
 }
 
