@@ -37,7 +37,10 @@ const TILE_TOKENS: usize = 6;
 /// nibbles in `gemm_q4k.rs`'s panels instead when the matmul picks that kernel.)
 pub(crate) struct Int8Panels {
     q: AlignedBuf,
+    /// Scales as f32, or (formats whose block scale is a stored f16: `Q8_0`, `Q4_0`) as those
+    /// f16 bits, so that the panels take no more bytes than the stored rows.
     s: Vec<f32>,
+    s16: Vec<u16>,
     o: Vec<f32>,
     /// Words of `q` per panel (`2 · 16 · k/4`) and floats of `s` (and `o`) per panel.
     panel_words: usize,
@@ -75,9 +78,19 @@ impl Int8Panels {
                 let first = p * PANEL_ROWS;
                 pack_panel(isa, w, first, PANEL_ROWS.min(rows - first), bk, scratch, q, s, o);
             });
+        let s16 = if matches!(w.format(), WeightFormat::Q8_0 | WeightFormat::Q4_0) {
+            // Exact: each scale was read from an f16.
+            std::mem::take(&mut s)
+                .iter()
+                .map(|&v| half::f16::from_f32(v).to_bits())
+                .collect()
+        } else {
+            Vec::new()
+        };
         Self {
             q,
             s,
+            s16,
             o,
             panel_words,
             panel_scales,
@@ -85,14 +98,42 @@ impl Int8Panels {
     }
 
     /// Panel `p`'s transposed bytes, scales and offsets.
-    fn panel(&self, p: usize) -> (&[u32], &[f32], &[f32]) {
+    fn panel(&self, p: usize) -> (&[u32], Scales<'_>, &[f32]) {
         let scales = p * self.panel_scales..(p + 1) * self.panel_scales;
         let offsets = if self.o.is_empty() { 0..0 } else { scales.clone() };
+        let s = if self.s16.is_empty() {
+            Scales::F32(&self.s[scales])
+        } else {
+            Scales::F16(&self.s16[scales])
+        };
         (
             &self.q.as_slice()[p * self.panel_words..(p + 1) * self.panel_words],
-            &self.s[scales],
+            s,
             &self.o[offsets],
         )
+    }
+}
+
+/// A panel's block scales, `[group][blocks][16]`.
+#[derive(Clone, Copy)]
+enum Scales<'a> {
+    F32(&'a [f32]),
+    F16(&'a [u16]),
+}
+
+impl Scales<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Scales::F32(s) => s.len(),
+            Scales::F16(s) => s.len(),
+        }
+    }
+
+    fn get(&self, at: usize) -> f32 {
+        match self {
+            Scales::F32(s) => s[at],
+            Scales::F16(s) => half::f16::from_bits(s[at]).to_f32(),
+        }
     }
 }
 
@@ -143,7 +184,7 @@ pub fn gemm_int8_with(isa: Isa, repack: bool, x: &[f32], w: &WeightMatrix, out: 
         tokens.prepare(isa, x, k, bk, zero);
         let tokens = &*tokens;
         let dst = SharedMut::new(out);
-        let run_panel = |p: usize, q: &[u32], s: &[f32], o: &[f32]| {
+        let run_panel = |p: usize, q: &[u32], s: Scales<'_>, o: &[f32]| {
             let first = p * PANEL_ROWS;
             let mut t = 0;
             while t < n {
@@ -188,7 +229,7 @@ struct PanelScratch {
 }
 
 impl PanelScratch {
-    fn pack(&mut self, isa: Isa, w: &WeightMatrix, p: usize) -> (&[u32], &[f32], &[f32]) {
+    fn pack(&mut self, isa: Isa, w: &WeightMatrix, p: usize) -> (&[u32], Scales<'_>, &[f32]) {
         let (bk, _) = block_and_zero(w.format()).expect("panels hold block-quantised weights");
         let (first, k) = (p * PANEL_ROWS, w.cols());
         let scales = PANEL_ROWS * (k / bk);
@@ -210,7 +251,7 @@ impl PanelScratch {
             &mut self.s,
             &mut self.o,
         );
-        (self.q.as_slice(), &self.s, &self.o)
+        (self.q.as_slice(), Scales::F32(&self.s), &self.o)
     }
 }
 
@@ -262,7 +303,7 @@ fn pack_panel(
 /// `r < count`.
 struct Tile<'a> {
     q: &'a [u32],
-    s: &'a [f32],
+    s: Scales<'a>,
     o: &'a [f32],
     tokens: &'a QuantTokens,
     first_token: usize,
@@ -290,15 +331,16 @@ impl Tile<'_> {
         if fast {
             macro_rules! dispatch {
                 ($($t:literal)*) => {
-                    match (size, bk, offsets) {
+                    match (size, bk, offsets, matches!(self.s, Scales::F16(_))) {
                         // SAFETY: `fast` means AVX512-VNNI was detected; the assert above bounds
                         // every load, and the caller owns rows `..count` of these tokens' outputs.
                         $(
-                            ($t, 32, false) => unsafe { x86::tile::<$t, 32, false>(self) },
-                            ($t, 32, true) => unsafe { x86::tile::<$t, 32, true>(self) },
-                            ($t, 16, false) => unsafe { x86::tile::<$t, 16, false>(self) },
+                            ($t, 32, false, false) => unsafe { x86::tile::<$t, 32, false, false>(self) },
+                            ($t, 32, false, true) => unsafe { x86::tile::<$t, 32, false, true>(self) },
+                            ($t, 32, true, false) => unsafe { x86::tile::<$t, 32, true, false>(self) },
+                            ($t, 16, false, false) => unsafe { x86::tile::<$t, 16, false, false>(self) },
                         )*
-                        _ => unreachable!("tiles hold 1..=TILE_TOKENS tokens; blocks of 16 have no offsets"),
+                        _ => unreachable!("tiles hold 1..=TILE_TOKENS tokens; only Q8_0/Q4_0 keep f16 scales"),
                     }
                 };
             }
@@ -320,7 +362,7 @@ impl Tile<'_> {
                         }
                     }
                     let at = (g * blocks + b) * 16 + i;
-                    acc += sum as f32 * (self.s[at] * tokens.dx[t * blocks + b]);
+                    acc += sum as f32 * (self.s.get(at) * tokens.dx[t * blocks + b]);
                     if offsets {
                         acc += self.o[at] * tokens.dxs[t * blocks + b];
                     }
@@ -339,16 +381,21 @@ impl Tile<'_> {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::Tile;
+    use super::{Scales, Tile};
 
-    /// `T` tokens × 32 rows, blocks of `BK` values, with or without offsets.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub(super) unsafe fn tile<const T: usize, const BK: usize, const OFFSETS: bool>(tile: &Tile<'_>) {
+    /// `T` tokens × 32 rows, blocks of `BK` values, with or without offsets, scales as f32 or
+    /// (`HALF`) f16.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+    pub(super) unsafe fn tile<const T: usize, const BK: usize, const OFFSETS: bool, const HALF: bool>(tile: &Tile<'_>) {
         let (k, blocks) = (tile.tokens.k, tile.tokens.blocks);
         let t0 = tile.first_token;
         let q0 = tile.q.as_ptr();
         let q1 = q0.wrapping_add(4 * k);
-        let (s, o) = (tile.s.as_ptr(), tile.o.as_ptr());
+        let (s, s16) = match tile.s {
+            Scales::F32(s) => (s.as_ptr(), std::ptr::null()),
+            Scales::F16(s) => (std::ptr::null(), s.as_ptr()),
+        };
+        let o = tile.o.as_ptr();
         let qx = tile.tokens.qx.as_ptr().wrapping_add(t0 * k);
         let (init, dx, dxs) = (
             tile.tokens.init.as_ptr().wrapping_add(t0 * blocks),
@@ -374,10 +421,15 @@ mod x86 {
                         sums[1] = _mm512_dpbusd_epi32(sums[1], w1, x);
                     }
                 }
-                let scales = [
-                    _mm512_loadu_ps(s.add(16 * b)),
-                    _mm512_loadu_ps(s.add(16 * (blocks + b))),
-                ];
+                let scales = if HALF {
+                    let group = |at: usize| _mm512_cvtph_ps(_mm256_loadu_si256(s16.add(at) as *const _));
+                    [group(16 * b), group(16 * (blocks + b))]
+                } else {
+                    [
+                        _mm512_loadu_ps(s.add(16 * b)),
+                        _mm512_loadu_ps(s.add(16 * (blocks + b))),
+                    ]
+                };
                 let offsets = if OFFSETS {
                     [
                         _mm512_loadu_ps(o.add(16 * b)),

@@ -44,8 +44,9 @@ enum Path {
 /// R1-Distill-Qwen-1.5B, `r1serve bench --batch N`, aggregate tokens/s):
 /// - kept panels: BF16 through the GEMM from one token (tg 9.95 vs 7.21 through the dots: the
 ///   panel streams reach 0.91 of the read bandwidth, the row dots 0.69; 2 tokens 19.4 vs 10.0);
-///   `Q8_0` through the integer GEMM from 2 tokens (2: 31.6 vs 24.7 multi, 4: 55.6 vs 33.6,
-///   8: 89.5 vs 44), but not 1 (15.8 vs 16.7: the panels' f32 scales are 6% more bytes);
+///   `Q8_0` through the integer GEMM from one token (1: 16.10–16.59 vs 15.28–16.53 through the
+///   row dots, alternated, with the panels' scales kept as the stored f16 so they read no more
+///   bytes than the rows; 2: 31.6 vs 24.7 multi, 4: 55.6 vs 33.6, 8: 89.5 vs 44);
 ///   Q4_K_M (`Q4_K` through `gemm_q4k`'s nibble panels, `Q6_K` through the integer GEMM) from 2
 ///   tokens (2: 37.1–38.6 vs 33.3–35.7 with `Q4_K` through the multi dots; 8: 86–87), but not 1
 ///   (23.5–25.4 vs 25.0–26.1 through the row dots, alternated runs);
@@ -64,6 +65,7 @@ fn choose_path(format: WeightFormat, isa: Isa, n: usize, cols: usize, repack: bo
         return Path::Multi;
     }
     let gemm_min = match format {
+        WeightFormat::Q8_0 if int8 && repack => 1,
         _ if (int8 || format == WeightFormat::Q4K && gemm_q4k::available(isa)) && repack => 2,
         _ if int8 => 6,
         WeightFormat::Bf16 if repack && gemm_bf16::available(isa) => 1,
