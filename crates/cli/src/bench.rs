@@ -173,7 +173,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
 
     let read_bandwidth_gbs = measure_read_bandwidth(BANDWIDTH_BUFFER_BYTES, 5);
-    // One untimed pass of each warms the pages of a memory-mapped or freshly generated model.
+    // One untimed pass of each warms the pages of a memory-mapped or freshly generated model
+    // (and builds the kernels' packed weights, MoE experts included, as `serve` does at load).
+    model.prepare_weights();
     time_prefill(model.as_ref(), args.n_prompt.min(8))?;
     time_decode(model.as_ref(), 2, 1)?;
     let mut pp = Vec::new();

@@ -70,6 +70,7 @@ pub fn warm_up(model: &dyn CausalLm) -> Result<(), EngineError> {
         top_logprobs: 0,
         echo: true,
     };
+    model.prepare_weights();
     generate(model, &request, |_| {}).map(|_| ())
 }
 

@@ -79,6 +79,12 @@ pub trait Backend: Send + Sync {
     /// `out[n, w.rows] = x[n, w.cols] · wᵀ`.
     fn matmul(&self, x: &[f32], w: &WeightMatrix, out: &mut [f32]);
 
+    /// Builds now what the backend would otherwise build on `w`'s first use (its own copy of the
+    /// weights), so that it does not happen while serving.
+    fn prepare_weight(&self, w: &WeightMatrix) {
+        let _ = w;
+    }
+
     /// Row-wise RMS norm: `out[r] = x[r] / rms(x[r]) * weight`, rows of `weight.len()`.
     fn rms_norm(&self, x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]);
 

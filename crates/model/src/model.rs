@@ -131,6 +131,10 @@ pub trait CausalLm: Send + Sync {
     /// The format of the bulk of the weights, as `bench` reports it (e.g. `BF16`).
     fn weight_format(&self) -> &'static str;
 
+    /// Has the backend prepare the weights a short warm-up prompt does not reach (MoE experts it
+    /// is not routed to), so that their first use while serving costs no more than later ones.
+    fn prepare_weights(&self) {}
+
     /// Runs `batch`: stores its tokens' KV entries in `cache` and overwrites `logits` with
     /// `[batch.num_logit_rows(), vocab]` rows, in sequence order.
     fn forward(&self, batch: &Batch, cache: &mut PagedKvCache, logits: &mut Vec<f32>) -> Result<()>;

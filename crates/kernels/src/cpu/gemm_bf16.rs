@@ -68,6 +68,11 @@ pub fn gemm_bf16(isa: Isa, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
     gemm_bf16_with(isa, single_rounding(), super::weight_repacking(), x, w, out)
 }
 
+/// Builds and keeps `w`'s panels now (BF16 weights).
+pub(crate) fn prepare(isa: Isa, w: &WeightMatrix) {
+    w.backend_copy(|| Bf16Panels::build(isa, w));
+}
+
 /// [`gemm_bf16`] with the activations' precision (`bf16`: rounded to BF16) and whether to keep
 /// the packed panels with `w` (`repack`) chosen by the caller.
 pub fn gemm_bf16_with(isa: Isa, bf16: bool, repack: bool, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {

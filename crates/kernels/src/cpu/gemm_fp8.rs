@@ -88,6 +88,11 @@ impl Fp8Panels {
     }
 }
 
+/// Builds and keeps `w`'s panels now (where [`supports`] holds).
+pub(crate) fn prepare(isa: Isa, w: &WeightMatrix) {
+    w.backend_copy(|| Fp8Panels::build(isa, w));
+}
+
 /// `out[n, rows] = x[n, cols] · wᵀ` for FP8 block-scaled `w` where [`supports`] holds. The first
 /// call builds the panels and keeps them with `w`.
 pub fn gemm_fp8(isa: Isa, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {

@@ -163,6 +163,11 @@ pub fn supports_format(format: WeightFormat) -> bool {
     block_and_zero(format).is_some()
 }
 
+/// Builds and keeps `w`'s panels now (see [`supports`]).
+pub(crate) fn prepare(isa: Isa, w: &WeightMatrix) {
+    w.backend_copy(|| Int8Panels::build(isa, w));
+}
+
 /// `out[n, rows] = x[n, cols] · wᵀ` for block-quantised `w` (see [`supports`]), with activations
 /// rounded to 8 bits. `isa` must be one of [`Isa::available`]; the VNNI kernel runs when
 /// [`available`] says so, the scalar reference kernel otherwise. With [`super::weight_repacking`]

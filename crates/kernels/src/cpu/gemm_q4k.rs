@@ -133,6 +133,11 @@ struct PanelRef<'a> {
     dmin: &'a [f32],
 }
 
+/// Builds and keeps `w`'s panels now (`Q4_K` weights).
+pub(crate) fn prepare(w: &WeightMatrix) {
+    w.backend_copy(|| Q4kPanels::build(w));
+}
+
 /// `out[n, rows] = x[n, cols] · wᵀ` for `Q4_K` `w`, activations rounded to 8 bits per 32 values.
 /// The first call builds the panels and keeps them with `w`. `isa` must be one of
 /// [`Isa::available`]; the VNNI kernel runs when [`available`] says so, the scalar reference

@@ -84,6 +84,24 @@ thread_local! {
     static PREPARED: RefCell<Vec<PreparedActivations>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Builds the panels `matmul` keeps for `w` (see [`super::weight_repacking`]) for the GEMM a
+/// batch of tokens takes, if any.
+pub(crate) fn prepare(w: &WeightMatrix) {
+    if !super::weight_repacking() {
+        return;
+    }
+    let isa = isa();
+    if gemm_fp8::supports(isa, w) {
+        gemm_fp8::prepare(isa, w);
+    } else if w.format() == WeightFormat::Q4K && gemm_q4k::available(isa) {
+        gemm_q4k::prepare(w);
+    } else if gemm_int8::supports(w) && gemm_int8::available(isa) {
+        gemm_int8::prepare(isa, w);
+    } else if w.format() == WeightFormat::Bf16 && gemm_bf16::available(isa) {
+        gemm_bf16::prepare(isa, w);
+    }
+}
+
 /// `out[n, rows] = x[n, cols] · wᵀ`; each weight row is visited once for the whole batch.
 pub fn matmul(x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
     matmul_with(x, w, out, super::weight_repacking())

@@ -83,6 +83,10 @@ impl Backend for CpuBackend {
         matmul(x, w, out);
     }
 
+    fn prepare_weight(&self, w: &WeightMatrix) {
+        matmul::prepare(w);
+    }
+
     fn rms_norm(&self, x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
         rms_norm(x, weight, eps, out);
     }

@@ -175,6 +175,14 @@ impl CausalLm for Deepseek {
         (layers + self.lm_head.stored_bytes() + self.embed.stored_row_bytes()) as u64
     }
 
+    fn prepare_weights(&self) {
+        for layer in &self.layers {
+            if let FeedForward::Moe(moe) = &layer.ffn {
+                moe.prepare(self.backend.as_ref());
+            }
+        }
+    }
+
     fn weight_format(&self) -> &'static str {
         self.layers
             .first()

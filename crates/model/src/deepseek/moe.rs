@@ -28,6 +28,13 @@ pub struct MlpScratch {
 }
 
 impl Mlp {
+    /// See `CausalLm::prepare_weights`.
+    pub fn prepare(&self, be: &dyn Backend) {
+        for w in [&self.gate, &self.up, &self.down] {
+            be.prepare_weight(w);
+        }
+    }
+
     pub fn bytes_per_token(&self) -> usize {
         self.gate.stored_bytes() + self.up.stored_bytes() + self.down.stored_bytes()
     }
@@ -84,6 +91,13 @@ pub struct MoeScratch {
 }
 
 impl Moe {
+    /// The routed experts (see `CausalLm::prepare_weights`).
+    pub fn prepare(&self, be: &dyn Backend) {
+        for expert in &self.experts {
+            expert.prepare(be);
+        }
+    }
+
     /// Router, shared experts and `top_k` routed experts (all experts are the same size).
     pub fn bytes_per_token(&self) -> usize {
         let expert = self.experts.first().map_or(0, Mlp::bytes_per_token);
