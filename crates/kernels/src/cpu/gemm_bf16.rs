@@ -22,13 +22,11 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 use super::dot::Isa;
-use super::pack::{transpose16, AlignedBuf};
+use super::pack::{pack_stored_panel, panel_words, tiles, AlignedBuf, StoredPanels, PANEL_ROWS};
 use super::SharedMut;
 use crate::dtype::WeightFormat;
 use crate::weight::WeightMatrix;
 
-/// Rows per panel: two 16-row groups.
-const PANEL_ROWS: usize = 32;
 /// Tokens per micro-kernel tile (24 accumulators).
 const TILE_TOKENS: usize = 12;
 
@@ -70,7 +68,7 @@ pub fn gemm_bf16(isa: Isa, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
 
 /// Builds and keeps `w`'s panels now (BF16 weights).
 pub(crate) fn prepare(isa: Isa, w: &WeightMatrix) {
-    w.backend_copy(|| Bf16Panels::build(isa, w));
+    w.backend_copy(|| StoredPanels::build(isa, w));
 }
 
 /// [`gemm_bf16`] with the activations' precision (`bf16`: rounded to BF16) and whether to keep
@@ -83,7 +81,7 @@ pub fn gemm_bf16_with(isa: Isa, bf16: bool, repack: bool, x: &[f32], w: &WeightM
     let pairs = k.div_ceil(2);
     let stride = if bf16 { pairs } else { 2 * pairs };
     let fast = available(isa);
-    let packed = repack.then(|| w.backend_copy(|| Bf16Panels::build(isa, w)));
+    let packed = repack.then(|| w.backend_copy(|| StoredPanels::build(isa, w)));
     ACTIVATIONS.with_borrow_mut(|xb| {
         xb.resize(n * stride);
         let xb = xb.as_mut_slice();
@@ -102,9 +100,7 @@ pub fn gemm_bf16_with(isa: Isa, bf16: bool, repack: bool, x: &[f32], w: &WeightM
         let dst = SharedMut::new(out);
         let run_panel = |p: usize, panel: &[u32]| {
             let first = p * PANEL_ROWS;
-            let mut t = 0;
-            while t < n {
-                let tokens = TILE_TOKENS.min(n - t);
+            for (t, tokens) in tiles(n, TILE_TOKENS) {
                 let tile = Tile {
                     w: panel,
                     pairs,
@@ -116,7 +112,6 @@ pub fn gemm_bf16_with(isa: Isa, bf16: bool, repack: bool, x: &[f32], w: &WeightM
                     count: PANEL_ROWS.min(rows - first),
                 };
                 tile.run(fast, tokens);
-                t += tokens;
             }
         };
         (0..rows.div_ceil(PANEL_ROWS))
@@ -124,36 +119,12 @@ pub fn gemm_bf16_with(isa: Isa, bf16: bool, repack: bool, x: &[f32], w: &WeightM
             .for_each(|p| match packed {
                 Some(packed) => run_panel(p, packed.panel(p)),
                 None => PANEL.with_borrow_mut(|(panel, zeros)| {
-                    panel.resize(PANEL_ROWS * pairs);
-                    pack_panel(isa, w, p, panel.as_mut_slice(), zeros);
+                    panel.resize(panel_words(w));
+                    pack_stored_panel(isa, w, p, panel.as_mut_slice(), zeros);
                     run_panel(p, panel.as_slice());
                 }),
             });
     });
-}
-
-/// Every 32-row panel of a BF16 matrix packed once and kept (see [`super::weight_repacking`]).
-pub(crate) struct Bf16Panels {
-    words: AlignedBuf,
-    panel_words: usize,
-}
-
-impl Bf16Panels {
-    fn build(isa: Isa, w: &WeightMatrix) -> Self {
-        let panel_words = PANEL_ROWS * w.cols().div_ceil(2);
-        let mut words = AlignedBuf::default();
-        words.resize(w.rows().div_ceil(PANEL_ROWS) * panel_words);
-        words
-            .as_mut_slice()
-            .par_chunks_mut(panel_words)
-            .enumerate()
-            .for_each_init(Vec::new, |zeros, (p, dst)| pack_panel(isa, w, p, dst, zeros));
-        Self { words, panel_words }
-    }
-
-    fn panel(&self, p: usize) -> &[u32] {
-        &self.words.as_slice()[p * self.panel_words..(p + 1) * self.panel_words]
-    }
 }
 
 /// One token's activations rounded (to nearest even) to BF16, as little-endian pairs; an odd
@@ -170,29 +141,6 @@ fn to_bf16_pairs(fast: bool, x: &[f32], dst: &mut [u32]) {
     let bits = |i: usize| x.get(i).map_or(0, |&v| half::bf16::from_f32(v).to_bits() as u32);
     for (j, d) in dst.iter_mut().enumerate().skip(done / 2) {
         *d = bits(2 * j) | (bits(2 * j + 1) << 16);
-    }
-}
-
-/// Packs panel `p` (rows `32p..`, at most 32) into `panel`: two groups of `16 × pairs` dwords;
-/// rows past the end are zeros.
-fn pack_panel(isa: Isa, w: &WeightMatrix, p: usize, panel: &mut [u32], zeros: &mut Vec<u8>) {
-    let pairs = w.cols().div_ceil(2);
-    let first = p * PANEL_ROWS;
-    let count = PANEL_ROWS.min(w.rows() - first);
-    let row_len = w.row_bytes(first).len();
-    if zeros.len() < row_len {
-        zeros.resize(row_len, 0);
-    }
-    for (g, dst) in panel.chunks_exact_mut(16 * pairs).enumerate() {
-        let rows: [&[u8]; 16] = std::array::from_fn(|i| {
-            let r = 16 * g + i;
-            if r < count {
-                w.row_bytes(first + r)
-            } else {
-                &zeros[..row_len]
-            }
-        });
-        transpose16(isa, &rows, dst);
     }
 }
 
@@ -383,7 +331,7 @@ mod tests {
                 gemm_bf16_with(isa, bf16, repack, &x, &w, &mut out);
                 if repack {
                     // The second call multiplies with the panels the first one kept.
-                    assert!(w.built_backend_copy::<Bf16Panels>().is_some());
+                    assert!(w.built_backend_copy::<StoredPanels>().is_some());
                     let mut again = vec![f32::NAN; n * rows];
                     gemm_bf16_with(isa, bf16, repack, &x, &w, &mut again);
                     assert_eq!(again, out);

@@ -13,25 +13,16 @@
 //!
 //! Accuracy: the same products as the row kernel, summed in f32 in another order.
 
-use std::cell::RefCell;
-
 use rayon::prelude::*;
 
 use super::dot::Isa;
-use super::pack::{transpose16, AlignedBuf};
+use super::pack::{tiles, StoredPanels, PANEL_ROWS};
 use super::SharedMut;
 use crate::dtype::WeightFormat;
 use crate::weight::WeightMatrix;
 
-/// Rows per panel: two 16-row groups.
-const PANEL_ROWS: usize = 32;
 /// Tokens per micro-kernel tile.
 const TILE_TOKENS: usize = 4;
-
-thread_local! {
-    /// Zero bytes standing in for rows past a matrix's end while packing.
-    static ZEROS: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-}
 
 /// Whether this kernel runs on `isa` (AVX-512) for `w`: FP8 blocks of whole panels of rows and
 /// whole 4-byte steps of columns.
@@ -48,49 +39,9 @@ pub fn supports(isa: Isa, w: &WeightMatrix) -> bool {
         && w.cols().is_multiple_of(4)
 }
 
-/// Every panel of an FP8 matrix, transposed: the CPU backend's copy of the weights.
-pub(crate) struct Fp8Panels {
-    words: AlignedBuf,
-    panel_words: usize,
-}
-
-impl Fp8Panels {
-    fn build(isa: Isa, w: &WeightMatrix) -> Self {
-        let (rows, k) = (w.rows(), w.cols());
-        let panel_words = PANEL_ROWS * (k / 4);
-        let mut words = AlignedBuf::default();
-        words.resize(rows.div_ceil(PANEL_ROWS) * panel_words);
-        words
-            .as_mut_slice()
-            .par_chunks_mut(panel_words)
-            .enumerate()
-            .for_each(|(p, panel)| {
-                ZEROS.with_borrow_mut(|zeros| {
-                    zeros.resize(k, 0);
-                    for (g, dst) in panel.chunks_exact_mut(16 * (k / 4)).enumerate() {
-                        let rows16: [&[u8]; 16] = std::array::from_fn(|i| {
-                            let r = p * PANEL_ROWS + 16 * g + i;
-                            if r < rows {
-                                w.row_bytes(r)
-                            } else {
-                                &zeros[..k]
-                            }
-                        });
-                        transpose16(isa, &rows16, dst);
-                    }
-                });
-            });
-        Self { words, panel_words }
-    }
-
-    fn panel(&self, p: usize) -> &[u32] {
-        &self.words.as_slice()[p * self.panel_words..(p + 1) * self.panel_words]
-    }
-}
-
 /// Builds and keeps `w`'s panels now (where [`supports`] holds).
 pub(crate) fn prepare(isa: Isa, w: &WeightMatrix) {
-    w.backend_copy(|| Fp8Panels::build(isa, w));
+    w.backend_copy(|| StoredPanels::build(isa, w));
 }
 
 /// `out[n, rows] = x[n, cols] · wᵀ` for FP8 block-scaled `w` where [`supports`] holds. The first
@@ -103,13 +54,11 @@ pub fn gemm_fp8(isa: Isa, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
     let (rows, k) = (w.rows(), w.cols());
     let n = x.len() / k.max(1);
     assert_eq!(out.len(), n * rows, "gemm output must be [n, rows]");
-    let panels = w.backend_copy(|| Fp8Panels::build(isa, w));
+    let panels = w.backend_copy(|| StoredPanels::build(isa, w));
     let dst = SharedMut::new(out);
     (0..rows.div_ceil(PANEL_ROWS)).into_par_iter().for_each(|p| {
         let first = p * PANEL_ROWS;
-        let mut t = 0;
-        while t < n {
-            let size = TILE_TOKENS.min(n - t);
+        for (t, size) in tiles(n, TILE_TOKENS) {
             let tile = Tile {
                 w: panels.panel(p),
                 scales: w.row_block_scales(first),
@@ -122,7 +71,6 @@ pub fn gemm_fp8(isa: Isa, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
                 count: PANEL_ROWS.min(rows - first),
             };
             tile.run(size);
-            t += size;
         }
     });
 }
@@ -287,7 +235,7 @@ mod tests {
                 let w = matrix();
                 let mut out = vec![f32::NAN; n * rows];
                 gemm_fp8(isa, &x, &w, &mut out);
-                assert!(w.built_backend_copy::<Fp8Panels>().is_some());
+                assert!(w.built_backend_copy::<StoredPanels>().is_some());
                 for t in 0..n {
                     for r in 0..rows {
                         let (mut exact, mut magnitude) = (0.0, 0.0);

@@ -20,13 +20,11 @@ use rayon::prelude::*;
 
 use super::dot::Isa;
 use super::int8_pack::{block_and_zero, decode_row, QuantTokens};
-use super::pack::{transpose16, AlignedBuf};
+use super::pack::{tiles, transpose16, AlignedBuf, PANEL_ROWS};
 use super::SharedMut;
 use crate::dtype::WeightFormat;
 use crate::weight::WeightMatrix;
 
-/// Rows per panel: two 16-row groups.
-const PANEL_ROWS: usize = 32;
 /// Tokens per micro-kernel tile (12 integer and 12 f32 accumulators).
 const TILE_TOKENS: usize = 6;
 
@@ -39,8 +37,7 @@ pub(crate) struct Int8Panels {
     q: AlignedBuf,
     /// Scales as f32, or (formats whose block scale is a stored f16: `Q8_0`, `Q4_0`) as those
     /// f16 bits, so that the panels take no more bytes than the stored rows.
-    s: Vec<f32>,
-    s16: Vec<u16>,
+    s: OwnedScales,
     o: Vec<f32>,
     /// Words of `q` per panel (`2 · 16 · k/4`) and floats of `s` (and `o`) per panel.
     panel_words: usize,
@@ -78,19 +75,15 @@ impl Int8Panels {
                 let first = p * PANEL_ROWS;
                 pack_panel(isa, w, first, PANEL_ROWS.min(rows - first), bk, scratch, q, s, o);
             });
-        let s16 = if matches!(w.format(), WeightFormat::Q8_0 | WeightFormat::Q4_0) {
+        let s = if matches!(w.format(), WeightFormat::Q8_0 | WeightFormat::Q4_0) {
             // Exact: each scale was read from an f16.
-            std::mem::take(&mut s)
-                .iter()
-                .map(|&v| half::f16::from_f32(v).to_bits())
-                .collect()
+            OwnedScales::F16(s.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect())
         } else {
-            Vec::new()
+            OwnedScales::F32(s)
         };
         Self {
             q,
             s,
-            s16,
             o,
             panel_words,
             panel_scales,
@@ -101,10 +94,9 @@ impl Int8Panels {
     fn panel(&self, p: usize) -> (&[u32], Scales<'_>, &[f32]) {
         let scales = p * self.panel_scales..(p + 1) * self.panel_scales;
         let offsets = if self.o.is_empty() { 0..0 } else { scales.clone() };
-        let s = if self.s16.is_empty() {
-            Scales::F32(&self.s[scales])
-        } else {
-            Scales::F16(&self.s16[scales])
+        let s = match &self.s {
+            OwnedScales::F32(s) => Scales::F32(&s[scales]),
+            OwnedScales::F16(s) => Scales::F16(&s[scales]),
         };
         (
             &self.q.as_slice()[p * self.panel_words..(p + 1) * self.panel_words],
@@ -112,6 +104,11 @@ impl Int8Panels {
             &self.o[offsets],
         )
     }
+}
+
+enum OwnedScales {
+    F32(Vec<f32>),
+    F16(Vec<u16>),
 }
 
 /// A panel's block scales, `[group][blocks][16]`.
@@ -155,12 +152,7 @@ pub fn available(isa: Isa) -> bool {
 
 /// Whether `w` can go through [`gemm_int8`]: a block-quantised format.
 pub fn supports(w: &WeightMatrix) -> bool {
-    supports_format(w.format())
-}
-
-/// Whether weights of `format` can go through [`gemm_int8`].
-pub fn supports_format(format: WeightFormat) -> bool {
-    block_and_zero(format).is_some()
+    block_and_zero(w.format()).is_some()
 }
 
 /// Builds and keeps `w`'s panels now (see [`supports`]).
@@ -191,9 +183,7 @@ pub fn gemm_int8_with(isa: Isa, repack: bool, x: &[f32], w: &WeightMatrix, out: 
         let dst = SharedMut::new(out);
         let run_panel = |p: usize, q: &[u32], s: Scales<'_>, o: &[f32]| {
             let first = p * PANEL_ROWS;
-            let mut t = 0;
-            while t < n {
-                let size = TILE_TOKENS.min(n - t);
+            for (t, size) in tiles(n, TILE_TOKENS) {
                 let tile = Tile {
                     q,
                     s,
@@ -206,7 +196,6 @@ pub fn gemm_int8_with(isa: Isa, repack: bool, x: &[f32], w: &WeightMatrix, out: 
                     count: PANEL_ROWS.min(rows - first),
                 };
                 tile.run(fast, size, bk, zero == 0);
-                t += size;
             }
         };
         (0..rows.div_ceil(PANEL_ROWS))
@@ -465,8 +454,8 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::int8_pack::reference;
     use crate::dtype::WeightFormat;
-    use crate::quant::{PreparedActivations, QK};
     use crate::weight::ByteView;
     use rand::{Rng, SeedableRng};
 
@@ -491,18 +480,7 @@ mod tests {
                 // A fresh matrix per run, so that each ISA packs the panels it keeps.
                 let matrix = || WeightMatrix::new(rows, k, format, ByteView::from_vec(bytes.clone())).unwrap();
                 let decoded: Vec<f64> = matrix().to_f32().iter().map(|&v| v as f64).collect();
-                // Zero blocks and outliers next to ordinary values.
-                let x: Vec<f32> = (0..n * k)
-                    .map(|i| match (i / 32) % 5 {
-                        0 => 0.0,
-                        1 if i % 97 == 3 => 40.0,
-                        _ => rng.random_range(-1.0..1.0),
-                    })
-                    .collect();
-                let rounded: Vec<PreparedActivations> = x
-                    .chunks_exact(k)
-                    .map(|t| PreparedActivations::new(WeightFormat::Q8_0, t))
-                    .collect();
+                let x = reference::activations(&mut rng, n, k);
                 for (isa, repack) in Isa::available().into_iter().flat_map(|i| [(i, false), (i, true)]) {
                     let w = matrix();
                     let mut out = vec![f32::NAN; n * rows];
@@ -514,38 +492,8 @@ mod tests {
                         gemm_int8_with(isa, repack, &x, &w, &mut again);
                         assert_eq!(again, out);
                     }
-                    for t in 0..n {
-                        let xq = rounded[t].dequantized();
-                        for r in 0..rows {
-                            let wr = &decoded[r * k..(r + 1) * k];
-                            let xt = &x[t * k..(t + 1) * k];
-                            let dot = |a: &dyn Fn(usize) -> f64| -> (f64, f64) {
-                                (0..k).fold((0.0, 0.0), |(s, m), c| (s + wr[c] * a(c), m + (wr[c] * a(c)).abs()))
-                            };
-                            let (exact, magnitude) = dot(&|c| xt[c] as f64);
-                            let (exact_q, magnitude_q) = dot(&|c| xq[c] as f64);
-                            let bound: f64 = (0..k / QK)
-                                .map(|b| {
-                                    rounded[t].d[b] as f64 / 2.0
-                                        * wr[b * QK..(b + 1) * QK].iter().map(|v| v.abs()).sum::<f64>()
-                                })
-                                .sum();
-                            let got = out[t * rows + r] as f64;
-                            let name = format!(
-                                "{} {} repack {repack} rows {rows} k {k} n {n} [{t}][{r}]",
-                                isa.name(),
-                                format.name()
-                            );
-                            assert!(
-                                (got - exact_q).abs() <= 1e-5 * magnitude_q + 1e-30,
-                                "{name}: {got} vs {exact_q}"
-                            );
-                            assert!(
-                                (got - exact).abs() <= bound + 1e-5 * magnitude + 1e-30,
-                                "{name}: {got} vs {exact} (bound {bound})"
-                            );
-                        }
-                    }
+                    let what = format!("{} {} repack {repack}", isa.name(), format.name());
+                    reference::check(&out, &decoded, &x, rows, k, &what);
                 }
             }
         }

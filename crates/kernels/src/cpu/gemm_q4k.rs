@@ -22,14 +22,12 @@ use rayon::prelude::*;
 
 use super::dot::Isa;
 use super::int8_pack::QuantTokens;
-use super::pack::AlignedBuf;
+use super::pack::{tiles, AlignedBuf, PANEL_ROWS};
 use super::SharedMut;
 use crate::dtype::WeightFormat;
 use crate::quant::{f16_at, q4_k, QK, QK_K};
 use crate::weight::WeightMatrix;
 
-/// Rows per panel: two 16-row groups.
-const PANEL_ROWS: usize = 32;
 /// Tokens per micro-kernel tile.
 const TILE_TOKENS: usize = 6;
 
@@ -155,9 +153,7 @@ pub fn gemm_q4k(isa: Isa, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
         let dst = SharedMut::new(out);
         (0..rows.div_ceil(PANEL_ROWS)).into_par_iter().for_each(|p| {
             let first = p * PANEL_ROWS;
-            let mut t = 0;
-            while t < n {
-                let size = TILE_TOKENS.min(n - t);
+            for (t, size) in tiles(n, TILE_TOKENS) {
                 let tile = Tile {
                     panel: panels.panel(p),
                     tokens,
@@ -168,7 +164,6 @@ pub fn gemm_q4k(isa: Isa, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
                     count: PANEL_ROWS.min(rows - first),
                 };
                 tile.run(fast, size);
-                t += size;
             }
         });
     });
@@ -342,7 +337,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::PreparedActivations;
+    use crate::cpu::int8_pack::reference;
     use crate::weight::ByteView;
     use rand::{Rng, SeedableRng};
 
@@ -363,52 +358,14 @@ mod tests {
                 .iter()
                 .map(|&v| v as f64)
                 .collect();
-            // Zero blocks and outliers next to ordinary values.
-            let x: Vec<f32> = (0..n * k)
-                .map(|i| match (i / 32) % 5 {
-                    0 => 0.0,
-                    1 if i % 97 == 3 => 40.0,
-                    _ => rng.random_range(-1.0..1.0),
-                })
-                .collect();
-            let rounded: Vec<PreparedActivations> = x
-                .chunks_exact(k)
-                .map(|t| PreparedActivations::new(WeightFormat::Q8_0, t))
-                .collect();
+            let x = reference::activations(&mut rng, n, k);
             for isa in Isa::available() {
                 // A fresh matrix per ISA, so that each builds the panels it keeps.
                 let w = WeightMatrix::new(rows, k, WeightFormat::Q4K, ByteView::from_vec(bytes.clone())).unwrap();
                 let mut out = vec![f32::NAN; n * rows];
                 gemm_q4k(isa, &x, &w, &mut out);
                 assert!(w.built_backend_copy::<Q4kPanels>().is_some());
-                for t in 0..n {
-                    let xq = rounded[t].dequantized();
-                    for r in 0..rows {
-                        let wr = &decoded[r * k..(r + 1) * k];
-                        let xt = &x[t * k..(t + 1) * k];
-                        let dot = |a: &dyn Fn(usize) -> f64| -> (f64, f64) {
-                            (0..k).fold((0.0, 0.0), |(s, m), c| (s + wr[c] * a(c), m + (wr[c] * a(c)).abs()))
-                        };
-                        let (exact, magnitude) = dot(&|c| xt[c] as f64);
-                        let (exact_q, magnitude_q) = dot(&|c| xq[c] as f64);
-                        let bound: f64 = (0..k / QK)
-                            .map(|b| {
-                                rounded[t].d[b] as f64 / 2.0
-                                    * wr[b * QK..(b + 1) * QK].iter().map(|v| v.abs()).sum::<f64>()
-                            })
-                            .sum();
-                        let got = out[t * rows + r] as f64;
-                        let name = format!("{} rows {rows} k {k} n {n} [{t}][{r}]", isa.name());
-                        assert!(
-                            (got - exact_q).abs() <= 1e-5 * magnitude_q + 1e-30,
-                            "{name}: {got} vs {exact_q}"
-                        );
-                        assert!(
-                            (got - exact).abs() <= bound + 1e-5 * magnitude + 1e-30,
-                            "{name}: {got} vs {exact} (bound {bound})"
-                        );
-                    }
-                }
+                reference::check(&out, &decoded, &x, rows, k, isa.name());
             }
         }
     }

@@ -221,6 +221,59 @@ impl Token<'_> {
     }
 }
 
+/// The integer GEMMs' shared test reference (`gemm_int8.rs`, `gemm_q4k.rs`).
+#[cfg(test)]
+pub(crate) mod reference {
+    use rand::Rng;
+
+    use crate::dtype::WeightFormat;
+    use crate::quant::{PreparedActivations, QK};
+
+    /// `n × k` activations: zero blocks and outliers next to ordinary values.
+    pub(crate) fn activations(rng: &mut impl Rng, n: usize, k: usize) -> Vec<f32> {
+        (0..n * k)
+            .map(|i| match (i / 32) % 5 {
+                0 => 0.0,
+                1 if i % 97 == 3 => 40.0,
+                _ => rng.random_range(-1.0..1.0),
+            })
+            .collect()
+    }
+
+    /// Checks `out` (`[n, rows]`) against f64 sums over the dequantised weights `decoded`
+    /// (`[rows, k]`): within `1e-5 · Σ|w·x̂|` of the exact product with the activations rounded
+    /// to i8 `x̂`, and within `Σ_blocks d_x/2 · Σ|w| + 1e-5 · Σ|w·x|` of the product with `x`.
+    pub(crate) fn check(out: &[f32], decoded: &[f64], x: &[f32], rows: usize, k: usize, what: &str) {
+        let n = x.len() / k;
+        for t in 0..n {
+            let xt = &x[t * k..(t + 1) * k];
+            let rounded = PreparedActivations::new(WeightFormat::Q8_0, xt);
+            let xq = rounded.dequantized();
+            for r in 0..rows {
+                let wr = &decoded[r * k..(r + 1) * k];
+                let dot = |a: &dyn Fn(usize) -> f64| -> (f64, f64) {
+                    (0..k).fold((0.0, 0.0), |(s, m), c| (s + wr[c] * a(c), m + (wr[c] * a(c)).abs()))
+                };
+                let (exact, magnitude) = dot(&|c| xt[c] as f64);
+                let (exact_q, magnitude_q) = dot(&|c| xq[c] as f64);
+                let bound: f64 = (0..k / QK)
+                    .map(|b| rounded.d[b] as f64 / 2.0 * wr[b * QK..(b + 1) * QK].iter().map(|v| v.abs()).sum::<f64>())
+                    .sum();
+                let got = out[t * rows + r] as f64;
+                let name = format!("{what} rows {rows} k {k} n {n} [{t}][{r}]");
+                assert!(
+                    (got - exact_q).abs() <= 1e-5 * magnitude_q + 1e-30,
+                    "{name}: {got} vs {exact_q}"
+                );
+                assert!(
+                    (got - exact).abs() <= bound + 1e-5 * magnitude + 1e-30,
+                    "{name}: {got} vs {exact} (bound {bound})"
+                );
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -34,15 +34,44 @@ enum Path {
     Dots,
     /// The multi-token integer dots: each stored weight block decoded once for all tokens.
     Multi,
-    /// A GEMM over packed panels (`gemm_int8`, `gemm_q4k`, `gemm_bf16` or the f32 `gemm`; FP8
-    /// blocks take `gemm_fp8` before the path is chosen).
+    /// A GEMM over packed panels: the one [`gemm_for`] names.
     Gemm,
 }
 
-/// The fastest path for `n` tokens of `format` on `isa`, where `repack` says whether the GEMMs
-/// keep their panels (see [`super::weight_repacking`]). Measured on Zen 4 (2 threads,
+/// The GEMM a matrix goes through when its path is [`Path::Gemm`]; with kept panels, the one
+/// whose panels [`prepare`] builds.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Gemm {
+    /// `gemm_fp8` (kept panels only).
+    Fp8,
+    /// `gemm_q4k` (kept panels only).
+    Q4k,
+    Int8,
+    Bf16,
+    /// The f32 panels of `gemm.rs`: every other format, and CPUs without the instructions above.
+    F32Panels,
+}
+
+fn gemm_for(w: &WeightMatrix, isa: Isa, repack: bool) -> Gemm {
+    let format = w.format();
+    if repack && gemm_fp8::supports(isa, w) {
+        Gemm::Fp8
+    } else if repack && format == WeightFormat::Q4K && gemm_q4k::available(isa) {
+        Gemm::Q4k
+    } else if gemm_int8::supports(w) && gemm_int8::available(isa) {
+        Gemm::Int8
+    } else if format == WeightFormat::Bf16 && gemm_bf16::available(isa) {
+        Gemm::Bf16
+    } else {
+        Gemm::F32Panels
+    }
+}
+
+/// The fastest path for `n` tokens of `w` on `isa`, where `repack` says whether the GEMMs keep
+/// their panels (see [`super::weight_repacking`]). Measured on Zen 4 (2 threads,
 /// R1-Distill-Qwen-1.5B, `r1serve bench --batch N`, aggregate tokens/s):
-/// - kept panels: BF16 through the GEMM from one token (tg 9.95 vs 7.21 through the dots: the
+/// - kept panels: FP8 blocks through their GEMM from one token (tg on a 3-layer R1 cut: see
+///   docs/performance.md); BF16 through the GEMM from one token (tg 9.95 vs 7.21 through the dots: the
 ///   panel streams reach 0.91 of the read bandwidth, the row dots 0.69; 2 tokens 19.4 vs 10.0);
 ///   `Q8_0` through the integer GEMM from one token (1: 16.10–16.59 vs 15.28–16.53 through the
 ///   row dots, alternated, with the panels' scales kept as the stored f16 so they read no more
@@ -54,8 +83,8 @@ enum Path {
 ///   at 4 tokens 45 vs 62 GFLOP/s for the dots, at 8 tokens 75–83 vs 57–64; the multi dots
 ///   `Q8_0` 82–92 GFLOP/s at 4–5 tokens vs 60–101, 58–87 vs 74–134 at 8; `Q4_K` 96–109 vs
 ///   79–109 at 8, 101–117 vs 112–126 at 10.
-fn choose_path(format: WeightFormat, isa: Isa, n: usize, cols: usize, repack: bool) -> Path {
-    let int8 = gemm_int8::supports_format(format) && gemm_int8::available(isa);
+fn choose_path(w: &WeightMatrix, isa: Isa, n: usize, repack: bool) -> Path {
+    let (format, cols) = (w.format(), w.cols());
     let multi_max = match (format, repack) {
         (WeightFormat::Q8_0, false) => 5,
         (WeightFormat::Q4K, false) => 8,
@@ -64,11 +93,13 @@ fn choose_path(format: WeightFormat, isa: Isa, n: usize, cols: usize, repack: bo
     if (2..=multi_max).contains(&n) && has_multi_kernel(isa, format) && cols.is_multiple_of(format.block_size()) {
         return Path::Multi;
     }
-    let gemm_min = match format {
-        WeightFormat::Q8_0 if int8 && repack => 1,
-        _ if (int8 || format == WeightFormat::Q4K && gemm_q4k::available(isa)) && repack => 2,
-        _ if int8 => 6,
-        WeightFormat::Bf16 if repack && gemm_bf16::available(isa) => 1,
+    let gemm_min = match gemm_for(w, isa, repack) {
+        Gemm::Fp8 => 1,
+        Gemm::Q4k => 2,
+        Gemm::Int8 if repack && format == WeightFormat::Q8_0 => 1,
+        Gemm::Int8 if repack => 2,
+        Gemm::Int8 => 6,
+        Gemm::Bf16 if repack => 1,
         _ if format.is_block_quantized() => GEMM_MIN_TOKENS_QUANTIZED,
         _ => GEMM_MIN_TOKENS,
     };
@@ -91,14 +122,12 @@ pub(crate) fn prepare(w: &WeightMatrix) {
         return;
     }
     let isa = isa();
-    if gemm_fp8::supports(isa, w) {
-        gemm_fp8::prepare(isa, w);
-    } else if w.format() == WeightFormat::Q4K && gemm_q4k::available(isa) {
-        gemm_q4k::prepare(w);
-    } else if gemm_int8::supports(w) && gemm_int8::available(isa) {
-        gemm_int8::prepare(isa, w);
-    } else if w.format() == WeightFormat::Bf16 && gemm_bf16::available(isa) {
-        gemm_bf16::prepare(isa, w);
+    match gemm_for(w, isa, true) {
+        Gemm::Fp8 => gemm_fp8::prepare(isa, w),
+        Gemm::Q4k => gemm_q4k::prepare(w),
+        Gemm::Int8 => gemm_int8::prepare(isa, w),
+        Gemm::Bf16 => gemm_bf16::prepare(isa, w),
+        Gemm::F32Panels => {}
     }
 }
 
@@ -118,25 +147,17 @@ fn matmul_with(x: &[f32], w: &WeightMatrix, out: &mut [f32], repack: bool) {
     assert_eq!(out.len(), n * rows, "matmul output must be [n, rows]");
     let isa = isa();
     let format = w.format();
-    // FP8 blocks go through their kept panels at every token count (tg on a 3-layer R1 cut:
-    // see docs/performance.md).
-    if repack && rows * cols * n >= PARALLEL_MIN_WORK && gemm_fp8::supports(isa, w) {
-        gemm_fp8(isa, x, w, out);
-        return;
-    }
-    let mut path = choose_path(format, isa, n, cols, repack);
+    let mut path = choose_path(w, isa, n, repack);
     if path == Path::Gemm && rows * cols * n < PARALLEL_MIN_WORK {
         path = Path::Dots;
     }
     if path == Path::Gemm {
-        if format == WeightFormat::Q4K && repack && gemm_q4k::available(isa) {
-            gemm_q4k(isa, x, w, out);
-        } else if gemm_int8::supports(w) && gemm_int8::available(isa) {
-            gemm_int8_with(isa, repack, x, w, out);
-        } else if format == WeightFormat::Bf16 && gemm_bf16::available(isa) {
-            gemm_bf16_with(isa, gemm_bf16::single_rounding(), repack, x, w, out);
-        } else {
-            gemm(x, w, out);
+        match gemm_for(w, isa, repack) {
+            Gemm::Fp8 => gemm_fp8(isa, x, w, out),
+            Gemm::Q4k => gemm_q4k(isa, x, w, out),
+            Gemm::Int8 => gemm_int8_with(isa, repack, x, w, out),
+            Gemm::Bf16 => gemm_bf16_with(isa, gemm_bf16::single_rounding(), repack, x, w, out),
+            Gemm::F32Panels => gemm(x, w, out),
         }
         return;
     }
@@ -368,9 +389,8 @@ mod tests {
                     let mut out = vec![0.0f32; n * rows];
                     matmul_with(&x, &w, &mut out, repack);
                     // The integer GEMM rounds activations its own way: only the 1e-2 rule.
-                    let gemm = choose_path(format, isa(), n, cols, repack) == Path::Gemm
-                        && gemm_int8::supports(&w)
-                        && gemm_int8::available(isa());
+                    let gemm = choose_path(&w, isa(), n, repack) == Path::Gemm
+                        && matches!(gemm_for(&w, isa(), repack), Gemm::Int8 | Gemm::Q4k);
                     for t in 0..n {
                         let xt = &x[t * cols..(t + 1) * cols];
                         let xq = PreparedActivations::new(format, xt).dequantized();

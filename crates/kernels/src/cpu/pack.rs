@@ -1,10 +1,75 @@
-//! Shared pieces of the packed GEMMs (`gemm_bf16.rs`, `gemm_int8.rs`): a 64-byte aligned scratch
-//! buffer and the dword transpose that packs 16 weight rows into the layout their micro-kernels
-//! read — one 64-byte vector per 4 bytes of `k`, holding those 4 bytes of all 16 rows (BF16:
-//! one pair of weights per row; int8: four), so that one load feeds 16 output rows and a token's
-//! matching 4 bytes are broadcast against it.
+//! Shared pieces of the packed GEMMs (`gemm_bf16.rs`, `gemm_fp8.rs`, `gemm_int8.rs`,
+//! `gemm_q4k.rs`): a 64-byte aligned scratch buffer, the dword transpose that packs 16 weight rows
+//! into the layout their micro-kernels read — one 64-byte vector per 4 bytes of `k`, holding those
+//! 4 bytes of all 16 rows (BF16: one pair of weights per row; FP8 and int8: four), so that one
+//! load feeds 16 output rows and a token's matching 4 bytes are broadcast against it — the
+//! panels of formats packed as stored, the token tiles and the tile epilogue.
+
+use rayon::prelude::*;
 
 use super::dot::Isa;
+use crate::weight::WeightMatrix;
+
+/// Rows per panel of every packed GEMM: two 16-row groups.
+pub(crate) const PANEL_ROWS: usize = 32;
+
+/// `(first token, tokens)` of each tile of at most `tile` tokens over a batch of `n`.
+pub(crate) fn tiles(n: usize, tile: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..n).step_by(tile.max(1)).map(move |t| (t, tile.min(n - t)))
+}
+
+/// Every 32-row panel of a matrix whose stored bytes the kernel reads as they are (BF16, FP8),
+/// transposed once and kept (see [`super::weight_repacking`]).
+pub(crate) struct StoredPanels {
+    words: AlignedBuf,
+    panel_words: usize,
+}
+
+impl StoredPanels {
+    pub(crate) fn build(isa: Isa, w: &WeightMatrix) -> Self {
+        let panel_words = panel_words(w);
+        let mut words = AlignedBuf::default();
+        words.resize(w.rows().div_ceil(PANEL_ROWS) * panel_words);
+        words
+            .as_mut_slice()
+            .par_chunks_mut(panel_words)
+            .enumerate()
+            .for_each_init(Vec::new, |zeros, (p, dst)| pack_stored_panel(isa, w, p, dst, zeros));
+        Self { words, panel_words }
+    }
+
+    pub(crate) fn panel(&self, p: usize) -> &[u32] {
+        &self.words.as_slice()[p * self.panel_words..(p + 1) * self.panel_words]
+    }
+}
+
+/// Dwords one panel of `w`'s stored rows takes: 32 rows of `row_bytes.div_ceil(4)`.
+pub(crate) fn panel_words(w: &WeightMatrix) -> usize {
+    PANEL_ROWS * w.stored_row_bytes().div_ceil(4)
+}
+
+/// Packs panel `p` of `w`'s stored rows (rows `32p..`, at most 32) into `panel`
+/// ([`panel_words`] dwords): two 16-row groups transposed by [`transpose16`]; rows past the end
+/// are zeros (taken from `zeros`, grown as needed).
+pub(crate) fn pack_stored_panel(isa: Isa, w: &WeightMatrix, p: usize, panel: &mut [u32], zeros: &mut Vec<u8>) {
+    let first = p * PANEL_ROWS;
+    let count = PANEL_ROWS.min(w.rows() - first);
+    let row_len = w.stored_row_bytes();
+    if zeros.len() < row_len {
+        zeros.resize(row_len, 0);
+    }
+    for (g, dst) in panel.chunks_exact_mut(panel.len() / 2).enumerate() {
+        let rows: [&[u8]; 16] = std::array::from_fn(|i| {
+            let r = 16 * g + i;
+            if r < count {
+                w.row_bytes(first + r)
+            } else {
+                &zeros[..row_len]
+            }
+        });
+        transpose16(isa, &rows, dst);
+    }
+}
 
 /// One cache line.
 #[derive(Clone, Copy)]
