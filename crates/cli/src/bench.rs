@@ -197,7 +197,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         model: name,
         architecture: model.info().architecture.clone(),
         weight_format: model.weight_format().to_owned(),
-        threads: rayon::current_num_threads(),
+        threads: r1serve_kernels::cpu::pool::threads(),
         n_prompt: args.n_prompt,
         n_gen: args.n_gen,
         repetitions: args.repetitions,

@@ -11,7 +11,6 @@ mod serve;
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -60,10 +59,7 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if let Some(threads) = cli.threads {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build_global()
-            .context("cannot start the thread pool")?;
+        r1serve_kernels::cpu::pool::set_threads(threads);
     }
     r1serve_kernels::cpu::set_weight_repacking(!cli.no_repack);
     match cli.command {

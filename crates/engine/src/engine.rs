@@ -46,7 +46,7 @@ enum Command {
 }
 
 struct Shared {
-    stats: Mutex<EngineStats>,
+    stats: Arc<Mutex<EngineStats>>,
     accepting: AtomicBool,
 }
 
@@ -64,10 +64,12 @@ impl Engine {
     /// configuration that cannot work (a zero limit, a cache too small for one block).
     pub fn start(model: Arc<dyn CausalLm>, config: EngineConfig) -> Result<Self, EngineError> {
         let info = model.info().clone();
-        let core = EngineCore::new(model, &config)?;
+        let mut core = EngineCore::new(model, &config)?;
         let limits = core.limits().clone();
+        let stats = Arc::new(Mutex::new(core.stats()));
+        core.publish_stats_to(Arc::clone(&stats));
         let shared = Arc::new(Shared {
-            stats: Mutex::new(core.stats()),
+            stats,
             accepting: AtomicBool::new(true),
         });
         let (commands, rx) = mpsc::channel();

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use r1serve_model::CausalLm;
@@ -30,6 +30,10 @@ struct Outputs {
     sinks: HashMap<SeqId, EventSender>,
     stats: EngineStats,
     logprobs: Vec<f32>,
+    /// `Finished` events held until the stats snapshot shows their blocks freed.
+    finished: Vec<(SeqId, TokenEvent)>,
+    /// Where [`EngineCore::publish_stats_to`] asked for snapshots.
+    snapshot: Option<Arc<Mutex<EngineStats>>>,
 }
 
 impl Outputs {
@@ -73,6 +77,8 @@ impl EngineCore {
                 sinks: HashMap::new(),
                 stats,
                 logprobs: Vec::new(),
+                finished: Vec::new(),
+                snapshot: None,
             },
         })
     }
@@ -108,6 +114,7 @@ impl EngineCore {
             Some(mut seq) => {
                 seq.status = SeqStatus::Finished(reason);
                 self.finish(seq);
+                self.deliver();
                 true
             }
             None => false,
@@ -120,6 +127,7 @@ impl EngineCore {
             seq.status = SeqStatus::Finished(FinishReason::Error);
             seq.error = Some(message);
             self.finish(seq);
+            self.deliver();
         }
     }
 
@@ -151,6 +159,26 @@ impl EngineCore {
         let seq = self.scheduler.get_mut(id).ok_or(EngineError::UnknownSequence(id))?;
         seq.push_forced(tokens.iter().copied());
         Ok(())
+    }
+
+    /// Keeps `snapshot` at [`Self::stats`] after every step and finished request, written before
+    /// the requests' `Finished` events are sent: a client that has its answer sees its blocks
+    /// freed and its request counted.
+    pub fn publish_stats_to(&mut self, snapshot: Arc<Mutex<EngineStats>>) {
+        *snapshot.lock().unwrap_or_else(PoisonError::into_inner) = self.stats();
+        self.out.snapshot = Some(snapshot);
+    }
+
+    /// Publishes the stats (see [`Self::publish_stats_to`]), then sends the held `Finished`
+    /// events.
+    fn deliver(&mut self) {
+        if let Some(snapshot) = &self.out.snapshot {
+            *snapshot.lock().unwrap_or_else(PoisonError::into_inner) = self.stats();
+        }
+        for (id, event) in std::mem::take(&mut self.out.finished) {
+            self.out.send(id, event);
+            self.out.sinks.remove(&id);
+        }
     }
 
     /// A snapshot of the counters with fresh gauges.
@@ -209,6 +237,7 @@ impl EngineCore {
         let tokens = plan.num_tokens();
         self.out.stats.steps_total += 1;
         self.out.stats.computed_tokens_total += tokens as u64;
+        self.deliver();
         debug!(
             seqs = plan.scheduled.len(),
             tokens,
@@ -219,7 +248,8 @@ impl EngineCore {
         tokens
     }
 
-    /// Reports a finished sequence (whose blocks are already freed).
+    /// Records a finished sequence (whose blocks are already freed); its event goes out with the
+    /// next [`Self::deliver`].
     fn finish(&mut self, mut seq: Sequence) {
         let reason = match seq.status {
             SeqStatus::Finished(reason) => reason,
@@ -239,8 +269,7 @@ impl EngineCore {
             usage: seq.usage(),
             error: seq.error.take(),
         };
-        self.out.send(seq.id, event);
-        self.out.sinks.remove(&seq.id);
+        self.out.finished.push((seq.id, event));
     }
 }
 

@@ -201,7 +201,6 @@ fn gemm_weights(format: WeightFormat, rows: usize, cols: usize, rng: &mut rand_c
 /// GEMMs themselves (panels kept after the first call) where this CPU runs them. Filter e.g.
 /// `gemm/BF16`.
 fn gemm(c: &mut Criterion) {
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
     let mut group = c.benchmark_group("gemm");
     for format in [
@@ -225,30 +224,30 @@ fn gemm(c: &mut Criterion) {
                 });
                 let name = |path: &str| format!("{}/{rows}x{cols}/n{n}/{path}", format.name());
                 group.bench_function(name("f32_panels"), |b| {
-                    b.iter(|| pool.install(|| cpu::gemm_f32_panels(&x, &w, &mut out)))
+                    b.iter(|| cpu::pool::single_threaded(|| cpu::gemm_f32_panels(&x, &w, &mut out)))
                 });
                 group.bench_function(name("matmul"), |b| {
-                    b.iter(|| pool.install(|| cpu::matmul(&x, &w, &mut out)))
+                    b.iter(|| cpu::pool::single_threaded(|| cpu::matmul(&x, &w, &mut out)))
                 });
                 let isa = cpu::dot::isa();
                 if format == WeightFormat::Bf16 && cpu::gemm_bf16::available(isa) {
                     group.bench_function(name("gemm_bf16"), |b| {
-                        b.iter(|| pool.install(|| cpu::gemm_bf16::gemm_bf16(isa, &x, &w, &mut out)))
+                        b.iter(|| cpu::pool::single_threaded(|| cpu::gemm_bf16::gemm_bf16(isa, &x, &w, &mut out)))
                     });
                 }
                 if format == WeightFormat::Q4K && cpu::gemm_q4k::available(isa) {
                     group.bench_function(name("gemm_q4k"), |b| {
-                        b.iter(|| pool.install(|| cpu::gemm_q4k::gemm_q4k(isa, &x, &w, &mut out)))
+                        b.iter(|| cpu::pool::single_threaded(|| cpu::gemm_q4k::gemm_q4k(isa, &x, &w, &mut out)))
                     });
                 }
                 if cpu::gemm_fp8::supports(isa, &w) {
                     group.bench_function(name("gemm_fp8"), |b| {
-                        b.iter(|| pool.install(|| cpu::gemm_fp8::gemm_fp8(isa, &x, &w, &mut out)))
+                        b.iter(|| cpu::pool::single_threaded(|| cpu::gemm_fp8::gemm_fp8(isa, &x, &w, &mut out)))
                     });
                 }
                 if cpu::gemm_int8::supports(&w) && cpu::gemm_int8::available(isa) {
                     group.bench_function(name("gemm_int8"), |b| {
-                        b.iter(|| pool.install(|| cpu::gemm_int8::gemm_int8(isa, &x, &w, &mut out)))
+                        b.iter(|| cpu::pool::single_threaded(|| cpu::gemm_int8::gemm_int8(isa, &x, &w, &mut out)))
                     });
                 }
             }

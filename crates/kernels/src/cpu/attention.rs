@@ -1,8 +1,7 @@
 //! Causal attention over the paged KV cache, one pass per (token, head) with an online softmax.
 
-use rayon::prelude::*;
-
 use super::dot::dot_f32;
+use super::pool;
 
 use crate::backend::{AttentionLayout, SeqSpan};
 use crate::kv_cache::PagedKvCache;
@@ -23,7 +22,7 @@ pub fn attention(
     for span in spans {
         let q_span = &q[token_base * n_heads * kd..(token_base + span.len) * n_heads * kd];
         let out_span = &mut out[token_base * n_heads * vd..(token_base + span.len) * n_heads * vd];
-        out_span.par_chunks_mut(vd).enumerate().for_each(|(index, acc)| {
+        pool::for_each_chunk_mut(out_span, vd, |index, acc| {
             let (t, h) = (index / n_heads, index % n_heads);
             let kv_head = h / group.max(1);
             let query = &q_span[index * kd..(index + 1) * kd];

@@ -1,6 +1,6 @@
 //! Row-wise and element-wise ops.
 
-use rayon::prelude::*;
+use super::pool;
 
 /// Row-wise RMS norm with the sum of squares in f64 for a stable reference-grade mean.
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
@@ -23,17 +23,19 @@ fn silu(x: f32) -> f32 {
 const SILU_CHUNK: usize = 1 << 14;
 
 pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
-    let run = |(o, (g, u)): (&mut [f32], (&[f32], &[f32]))| {
+    let run = |o: &mut [f32], g: &[f32], u: &[f32]| {
         for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
             *o = silu(g) * u;
         }
     };
     if out.len() <= SILU_CHUNK {
-        run((out, (gate, up)));
+        run(out, gate, up);
     } else {
-        out.par_chunks_mut(SILU_CHUNK)
-            .zip(gate.par_chunks(SILU_CHUNK).zip(up.par_chunks(SILU_CHUNK)))
-            .for_each(run);
+        pool::for_each_chunk_mut(out, SILU_CHUNK, |i, o| {
+            let at = i * SILU_CHUNK;
+            let end = (at + o.len()).min(gate.len()).min(up.len());
+            run(o, &gate[at.min(end)..end], &up[at.min(end)..end]);
+        });
     }
 }
 

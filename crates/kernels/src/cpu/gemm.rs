@@ -4,10 +4,8 @@
 
 use std::cell::RefCell;
 
-use rayon::prelude::*;
-
 use super::dot::{isa, Isa};
-use super::SharedMut;
+use super::{pool, SharedMut};
 use crate::weight::WeightMatrix;
 
 /// Weight rows decoded together; 16 rows of a 9k-wide matrix stay inside a core's L2.
@@ -44,7 +42,7 @@ fn gemm_padded(xs: &[f32], n: usize, n_padded: usize, w: &WeightMatrix, out: &mu
     let (rows, cols) = (w.rows(), w.cols());
     let dst = SharedMut::new(out);
     let isa = isa();
-    (0..rows.div_ceil(PANEL_ROWS)).into_par_iter().for_each(|panel_index| {
+    pool::for_each(rows.div_ceil(PANEL_ROWS), |panel_index| {
         let first = panel_index * PANEL_ROWS;
         let count = PANEL_ROWS.min(rows - first);
         let count_padded = count.div_ceil(TILE) * TILE;

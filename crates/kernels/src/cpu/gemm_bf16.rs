@@ -19,11 +19,9 @@
 
 use std::cell::RefCell;
 
-use rayon::prelude::*;
-
 use super::dot::Isa;
 use super::pack::{pack_stored_panel, panel_words, tiles, AlignedBuf, StoredPanels, PANEL_ROWS};
-use super::SharedMut;
+use super::{pool, SharedMut};
 use crate::dtype::WeightFormat;
 use crate::weight::WeightMatrix;
 
@@ -85,17 +83,16 @@ pub fn gemm_bf16_with(isa: Isa, bf16: bool, repack: bool, x: &[f32], w: &WeightM
     ACTIVATIONS.with_borrow_mut(|xb| {
         xb.resize(n * stride);
         let xb = xb.as_mut_slice();
-        x.par_chunks_exact(k)
-            .zip(xb.par_chunks_exact_mut(stride))
-            .for_each(|(token, dst)| {
-                if bf16 {
-                    to_bf16_pairs(fast, token, dst);
-                } else {
-                    for (d, &v) in dst.iter_mut().zip(token.iter().chain(std::iter::repeat(&0.0))) {
-                        *d = v.to_bits();
-                    }
+        pool::for_each_chunk_mut(xb, stride, |t, dst| {
+            let token = &x[t * k..(t + 1) * k];
+            if bf16 {
+                to_bf16_pairs(fast, token, dst);
+            } else {
+                for (d, &v) in dst.iter_mut().zip(token.iter().chain(std::iter::repeat(&0.0))) {
+                    *d = v.to_bits();
                 }
-            });
+            }
+        });
         let xb: &[u32] = xb;
         let dst = SharedMut::new(out);
         let run_panel = |p: usize, panel: &[u32]| {
@@ -114,16 +111,14 @@ pub fn gemm_bf16_with(isa: Isa, bf16: bool, repack: bool, x: &[f32], w: &WeightM
                 tile.run(fast, tokens);
             }
         };
-        (0..rows.div_ceil(PANEL_ROWS))
-            .into_par_iter()
-            .for_each(|p| match packed {
-                Some(packed) => run_panel(p, packed.panel(p)),
-                None => PANEL.with_borrow_mut(|(panel, zeros)| {
-                    panel.resize(panel_words(w));
-                    pack_stored_panel(isa, w, p, panel.as_mut_slice(), zeros);
-                    run_panel(p, panel.as_slice());
-                }),
-            });
+        pool::for_each(rows.div_ceil(PANEL_ROWS), |p| match packed {
+            Some(packed) => run_panel(p, packed.panel(p)),
+            None => PANEL.with_borrow_mut(|(panel, zeros)| {
+                panel.resize(panel_words(w));
+                pack_stored_panel(isa, w, p, panel.as_mut_slice(), zeros);
+                run_panel(p, panel.as_slice());
+            }),
+        });
     });
 }
 

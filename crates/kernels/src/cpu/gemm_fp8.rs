@@ -13,11 +13,9 @@
 //!
 //! Accuracy: the same products as the row kernel, summed in f32 in another order.
 
-use rayon::prelude::*;
-
 use super::dot::Isa;
 use super::pack::{tiles, StoredPanels, PANEL_ROWS};
-use super::SharedMut;
+use super::{pool, SharedMut};
 use crate::dtype::WeightFormat;
 use crate::weight::WeightMatrix;
 
@@ -56,7 +54,7 @@ pub fn gemm_fp8(isa: Isa, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
     assert_eq!(out.len(), n * rows, "gemm output must be [n, rows]");
     let panels = w.backend_copy(|| StoredPanels::build(isa, w));
     let dst = SharedMut::new(out);
-    (0..rows.div_ceil(PANEL_ROWS)).into_par_iter().for_each(|p| {
+    pool::for_each(rows.div_ceil(PANEL_ROWS), |p| {
         let first = p * PANEL_ROWS;
         for (t, size) in tiles(n, TILE_TOKENS) {
             let tile = Tile {

@@ -16,11 +16,10 @@
 
 use std::cell::RefCell;
 
-use rayon::prelude::*;
-
 use super::dot::Isa;
 use super::int8_pack::{block_and_zero, decode_row, QuantTokens};
 use super::pack::{tiles, transpose16, AlignedBuf, PANEL_ROWS};
+use super::pool::{self, DisjointChunks};
 use super::SharedMut;
 use crate::dtype::WeightFormat;
 use crate::weight::WeightMatrix;
@@ -61,20 +60,28 @@ impl Int8Panels {
         } else {
             Vec::new()
         };
-        let o_panels: Vec<&mut [f32]> = if offsets {
-            o.chunks_mut(panel_scales).collect()
-        } else {
-            (0..panels).map(|_| &mut [][..]).collect()
-        };
-        q.as_mut_slice()
-            .par_chunks_mut(panel_words)
-            .zip(s.par_chunks_mut(panel_scales))
-            .zip(o_panels)
-            .enumerate()
-            .for_each_init(Vec::new, |scratch, (p, ((q, s), o))| {
-                let first = p * PANEL_ROWS;
-                pack_panel(isa, w, first, PANEL_ROWS.min(rows - first), bk, scratch, q, s, o);
-            });
+        let (q_panels, s_panels) = (
+            DisjointChunks::new(q.as_mut_slice(), panel_words),
+            DisjointChunks::new(&mut s, panel_scales),
+        );
+        // Empty pieces when the format has no offsets.
+        let o_panels = DisjointChunks::new(&mut o, panel_scales);
+        pool::for_each(panels, |p| {
+            let first = p * PANEL_ROWS;
+            // SAFETY: `for_each` runs each panel index once.
+            let (q, s, o) = unsafe { (q_panels.get(p), s_panels.get(p), o_panels.get(p)) };
+            pack_panel(
+                isa,
+                w,
+                first,
+                PANEL_ROWS.min(rows - first),
+                bk,
+                &mut Vec::new(),
+                q,
+                s,
+                o,
+            );
+        });
         let s = if matches!(w.format(), WeightFormat::Q8_0 | WeightFormat::Q4_0) {
             // Exact: each scale was read from an f16.
             OwnedScales::F16(s.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect())
@@ -198,18 +205,16 @@ pub fn gemm_int8_with(isa: Isa, repack: bool, x: &[f32], w: &WeightMatrix, out: 
                 tile.run(fast, size, bk, zero == 0);
             }
         };
-        (0..rows.div_ceil(PANEL_ROWS))
-            .into_par_iter()
-            .for_each(|p| match packed {
-                Some(packed) => {
-                    let (q, s, o) = packed.panel(p);
-                    run_panel(p, q, s, o);
-                }
-                None => SCRATCH.with_borrow_mut(|scratch| {
-                    let (q, s, o) = scratch.pack(isa, w, p);
-                    run_panel(p, q, s, o);
-                }),
-            });
+        pool::for_each(rows.div_ceil(PANEL_ROWS), |p| match packed {
+            Some(packed) => {
+                let (q, s, o) = packed.panel(p);
+                run_panel(p, q, s, o);
+            }
+            None => SCRATCH.with_borrow_mut(|scratch| {
+                let (q, s, o) = scratch.pack(isa, w, p);
+                run_panel(p, q, s, o);
+            }),
+        });
     });
 }
 

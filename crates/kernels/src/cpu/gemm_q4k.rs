@@ -18,11 +18,10 @@
 
 use std::cell::RefCell;
 
-use rayon::prelude::*;
-
 use super::dot::Isa;
 use super::int8_pack::QuantTokens;
 use super::pack::{tiles, AlignedBuf, PANEL_ROWS};
+use super::pool::{self, DisjointChunks};
 use super::SharedMut;
 use crate::dtype::WeightFormat;
 use crate::quant::{f16_at, q4_k, QK, QK_K};
@@ -61,43 +60,55 @@ impl Q4kPanels {
         // Rows past the matrix's end keep zero `d` and `dmin`, so they contribute nothing.
         let (mut sc, mut m) = (vec![0u8; panels * 2 * blocks * 16], vec![0u8; panels * 2 * blocks * 16]);
         let (mut d, mut dmin) = (vec![0.0; panels * 2 * supers * 16], vec![0.0; panels * 2 * supers * 16]);
-        q.as_mut_slice()
-            .par_chunks_mut(2 * blocks * 4 * 16)
-            .zip(sc.par_chunks_mut(2 * blocks * 16))
-            .zip(m.par_chunks_mut(2 * blocks * 16))
-            .zip(d.par_chunks_mut(2 * supers * 16))
-            .zip(dmin.par_chunks_mut(2 * supers * 16))
-            .enumerate()
-            .for_each(|(p, ((((q, sc), m), d), dmin))| {
-                for r in 0..PANEL_ROWS.min(rows - p * PANEL_ROWS) {
-                    let (g, i) = (r / 16, r % 16);
-                    let row = w.row_bytes(p * PANEL_ROWS + r);
-                    for (sb, block) in row.chunks_exact(q4_k::BLOCK_BYTES).enumerate() {
-                        d[(g * supers + sb) * 16 + i] = f16_at(block, 0);
-                        dmin[(g * supers + sb) * 16 + i] = f16_at(block, 2);
-                        let (scales, mins) = q4_k::scales_mins(&block[4..16]);
-                        for j in 0..8 {
-                            let b = 8 * sb + j;
-                            sc[(g * blocks + b) * 16 + i] = scales[j];
-                            m[(g * blocks + b) * 16 + i] = mins[j];
-                            // Sub-block j: nibbles of bytes 32·(j/2).., low for even j.
-                            let nibble = |c: usize| {
-                                let byte = block[16 + 32 * (j / 2) + c];
-                                if j % 2 == 0 {
-                                    byte & 0x0f
-                                } else {
-                                    byte >> 4
-                                }
-                            };
-                            for v in 0..4 {
-                                let bytes: [u8; 4] =
-                                    std::array::from_fn(|e| nibble(4 * v + e) | (nibble(16 + 4 * v + e) << 4));
-                                q[((g * blocks + b) * 4 + v) * 16 + i] = u32::from_le_bytes(bytes);
+        let q_panels = DisjointChunks::new(q.as_mut_slice(), 2 * blocks * 4 * 16);
+        let (sc_panels, m_panels) = (
+            DisjointChunks::new(&mut sc, 2 * blocks * 16),
+            DisjointChunks::new(&mut m, 2 * blocks * 16),
+        );
+        let (d_panels, dmin_panels) = (
+            DisjointChunks::new(&mut d, 2 * supers * 16),
+            DisjointChunks::new(&mut dmin, 2 * supers * 16),
+        );
+        pool::for_each(panels, |p| {
+            // SAFETY: `for_each` runs each panel index once.
+            let (q, sc, m, d, dmin) = unsafe {
+                (
+                    q_panels.get(p),
+                    sc_panels.get(p),
+                    m_panels.get(p),
+                    d_panels.get(p),
+                    dmin_panels.get(p),
+                )
+            };
+            for r in 0..PANEL_ROWS.min(rows - p * PANEL_ROWS) {
+                let (g, i) = (r / 16, r % 16);
+                let row = w.row_bytes(p * PANEL_ROWS + r);
+                for (sb, block) in row.chunks_exact(q4_k::BLOCK_BYTES).enumerate() {
+                    d[(g * supers + sb) * 16 + i] = f16_at(block, 0);
+                    dmin[(g * supers + sb) * 16 + i] = f16_at(block, 2);
+                    let (scales, mins) = q4_k::scales_mins(&block[4..16]);
+                    for j in 0..8 {
+                        let b = 8 * sb + j;
+                        sc[(g * blocks + b) * 16 + i] = scales[j];
+                        m[(g * blocks + b) * 16 + i] = mins[j];
+                        // Sub-block j: nibbles of bytes 32·(j/2).., low for even j.
+                        let nibble = |c: usize| {
+                            let byte = block[16 + 32 * (j / 2) + c];
+                            if j % 2 == 0 {
+                                byte & 0x0f
+                            } else {
+                                byte >> 4
                             }
+                        };
+                        for v in 0..4 {
+                            let bytes: [u8; 4] =
+                                std::array::from_fn(|e| nibble(4 * v + e) | (nibble(16 + 4 * v + e) << 4));
+                            q[((g * blocks + b) * 4 + v) * 16 + i] = u32::from_le_bytes(bytes);
                         }
                     }
                 }
-            });
+            }
+        });
         Self {
             q,
             sc,
@@ -151,7 +162,7 @@ pub fn gemm_q4k(isa: Isa, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
         tokens.prepare(isa, x, k, QK, 0);
         let tokens = &*tokens;
         let dst = SharedMut::new(out);
-        (0..rows.div_ceil(PANEL_ROWS)).into_par_iter().for_each(|p| {
+        pool::for_each(rows.div_ceil(PANEL_ROWS), |p| {
             let first = p * PANEL_ROWS;
             for (t, size) in tiles(n, TILE_TOKENS) {
                 let tile = Tile {

@@ -17,7 +17,7 @@
 //! block the GEMM needs `−z · Σq_x` (the integer sum's start, so that `Σ u·q_x` becomes
 //! `Σ (u − z)·q_x`), `d_x`, and `d_x · Σq_x` (for `o`).
 
-use rayon::prelude::*;
+use super::pool::{self, DisjointChunks};
 
 use super::dot::Isa;
 use crate::dtype::WeightFormat;
@@ -167,20 +167,29 @@ impl QuantTokens {
         self.init.resize(n * blocks, 0);
         self.dx.resize(n * blocks, 0.0);
         self.dxs.resize(n * blocks, 0.0);
-        x.par_chunks_exact(k)
-            .zip(self.qx.par_chunks_exact_mut(k))
-            .zip(self.init.par_chunks_exact_mut(blocks))
-            .zip(self.dx.par_chunks_exact_mut(blocks))
-            .zip(self.dxs.par_chunks_exact_mut(blocks))
-            .for_each(|((((x, q), init), dx), dxs)| {
-                let token = Token { x, q, init, dx, dxs };
-                match isa {
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: as in `decode_row`: detected features, safe generic code.
-                    Isa::Avx512 | Isa::Avx512Vnni => unsafe { token.round_avx512(block, zero) },
-                    _ => token.round(block, zero),
-                }
-            });
+        let qx = DisjointChunks::new(&mut self.qx, k);
+        let (init, dx, dxs) = (
+            DisjointChunks::new(&mut self.init, blocks),
+            DisjointChunks::new(&mut self.dx, blocks),
+            DisjointChunks::new(&mut self.dxs, blocks),
+        );
+        pool::for_each(n, |t| {
+            // SAFETY: `for_each` runs each token index once.
+            let (q, init, dx, dxs) = unsafe { (qx.get(t), init.get(t), dx.get(t), dxs.get(t)) };
+            let token = Token {
+                x: &x[t * k..(t + 1) * k],
+                q,
+                init,
+                dx,
+                dxs,
+            };
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as in `decode_row`: detected features, safe generic code.
+                Isa::Avx512 | Isa::Avx512Vnni => unsafe { token.round_avx512(block, zero) },
+                _ => token.round(block, zero),
+            }
+        });
     }
 }
 

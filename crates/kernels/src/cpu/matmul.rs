@@ -2,8 +2,6 @@
 
 use std::cell::RefCell;
 
-use rayon::prelude::*;
-
 use super::dot::{
     dot_row, dot_row_prepared, dot_row_prepared_multi_with, has_multi_kernel, isa, Isa, PreparedActivations,
 };
@@ -12,7 +10,7 @@ use super::gemm_bf16::{self, gemm_bf16_with};
 use super::gemm_fp8::{self, gemm_fp8};
 use super::gemm_int8::{self, gemm_int8_with};
 use super::gemm_q4k::{self, gemm_q4k};
-use super::SharedMut;
+use super::{pool, SharedMut};
 use crate::dtype::WeightFormat;
 use crate::weight::WeightMatrix;
 
@@ -203,8 +201,8 @@ fn matmul_with(x: &[f32], w: &WeightMatrix, out: &mut [f32], repack: bool) {
         if rows * cols * n < PARALLEL_MIN_WORK {
             (0..rows).for_each(|row| row_task(row, dst));
         } else {
-            let chunk = (rows / (rayon::current_num_threads() * 8)).max(4);
-            (0..rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
+            let chunk = (rows / (pool::threads() * 8)).max(4);
+            pool::for_each(rows.div_ceil(chunk), |c| {
                 for row in c * chunk..((c + 1) * chunk).min(rows) {
                     row_task(row, dst);
                 }

@@ -1,4 +1,4 @@
-//! The CPU backend: rayon's global pool for threads, scalar kernels over the stored formats.
+//! The CPU backend: the compute pool (`pool.rs`) for threads, kernels over the stored formats.
 
 mod attention;
 pub mod bandwidth;
@@ -12,6 +12,7 @@ pub mod gemm_q4k;
 mod int8_pack;
 mod matmul;
 mod pack;
+pub mod pool;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -69,8 +70,7 @@ impl SharedMut {
     }
 }
 
-/// The CPU backend. Threads come from rayon's global pool (size it with `RAYON_NUM_THREADS` or
-/// `rayon::ThreadPoolBuilder::build_global`).
+/// The CPU backend. Threads come from the compute pool (size it with [`pool::set_threads`]).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuBackend;
 

@@ -5,7 +5,7 @@
 //! load feeds 16 output rows and a token's matching 4 bytes are broadcast against it — the
 //! panels of formats packed as stored, the token tiles and the tile epilogue.
 
-use rayon::prelude::*;
+use super::pool;
 
 use super::dot::Isa;
 use crate::weight::WeightMatrix;
@@ -30,11 +30,9 @@ impl StoredPanels {
         let panel_words = panel_words(w);
         let mut words = AlignedBuf::default();
         words.resize(w.rows().div_ceil(PANEL_ROWS) * panel_words);
-        words
-            .as_mut_slice()
-            .par_chunks_mut(panel_words)
-            .enumerate()
-            .for_each_init(Vec::new, |zeros, (p, dst)| pack_stored_panel(isa, w, p, dst, zeros));
+        pool::for_each_chunk_mut(words.as_mut_slice(), panel_words, |p, dst| {
+            pack_stored_panel(isa, w, p, dst, &mut Vec::new())
+        });
         Self { words, panel_words }
     }
 

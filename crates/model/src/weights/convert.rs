@@ -2,9 +2,11 @@
 //! format the user asked for (`--quant q4_k`, `--quant bf16`, ...), row by row across the pool.
 
 use half::{bf16, f16};
+use std::sync::Mutex;
+
+use r1serve_kernels::cpu::pool;
 use r1serve_kernels::quant::quantize;
 use r1serve_kernels::{ByteView, WeightError, WeightFormat, WeightMatrix};
-use rayon::prelude::*;
 
 /// Formats `--quant` accepts, by the names llama.cpp and the CLI use.
 pub fn parse_format(name: &str) -> Option<WeightFormat> {
@@ -29,6 +31,9 @@ fn keep_as_stored(name: &str) -> bool {
     name.ends_with("embed_tokens.weight") || name.ends_with("mlp.gate.weight") || name.ends_with("kv_b_proj.weight")
 }
 
+/// Rows per parallel task of [`convert`].
+const CHUNK_ROWS: usize = 16;
+
 /// Re-encodes `matrix` into `target`, or returns it unchanged when it is already in that format,
 /// is exempt, or its width is not a whole number of the target's blocks.
 pub fn convert(name: &str, matrix: WeightMatrix, target: WeightFormat) -> Result<WeightMatrix, WeightError> {
@@ -47,28 +52,38 @@ pub fn convert(name: &str, matrix: WeightMatrix, target: WeightFormat) -> Result
     }
     let row_bytes = target.row_bytes(cols).ok_or(WeightError::Overflow { rows, cols })?;
     let mut bytes = vec![0u8; rows * row_bytes];
-    bytes.par_chunks_mut(row_bytes.max(1)).enumerate().try_for_each_init(
-        || vec![0.0f32; cols],
-        |row_values, (row, out)| -> Result<(), WeightError> {
-            matrix.dequantize_row(row, row_values);
-            match target {
-                WeightFormat::F32 => out
-                    .iter_mut()
-                    .zip(row_values.iter().flat_map(|v| v.to_le_bytes()))
-                    .for_each(|(o, b)| *o = b),
-                WeightFormat::Bf16 => out
-                    .iter_mut()
-                    .zip(row_values.iter().flat_map(|&v| bf16::from_f32(v).to_le_bytes()))
-                    .for_each(|(o, b)| *o = b),
-                WeightFormat::F16 => out
-                    .iter_mut()
-                    .zip(row_values.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes()))
-                    .for_each(|(o, b)| *o = b),
-                _ => out.copy_from_slice(&quantize(target, row_values)?),
+    let first_error = Mutex::new(None);
+    let convert_row = |row: usize, row_values: &mut [f32], out: &mut [u8]| -> Result<(), WeightError> {
+        matrix.dequantize_row(row, row_values);
+        match target {
+            WeightFormat::F32 => out
+                .iter_mut()
+                .zip(row_values.iter().flat_map(|v| v.to_le_bytes()))
+                .for_each(|(o, b)| *o = b),
+            WeightFormat::Bf16 => out
+                .iter_mut()
+                .zip(row_values.iter().flat_map(|&v| bf16::from_f32(v).to_le_bytes()))
+                .for_each(|(o, b)| *o = b),
+            WeightFormat::F16 => out
+                .iter_mut()
+                .zip(row_values.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes()))
+                .for_each(|(o, b)| *o = b),
+            _ => out.copy_from_slice(&quantize(target, row_values)?),
+        }
+        Ok(())
+    };
+    pool::for_each_chunk_mut(&mut bytes, CHUNK_ROWS * row_bytes.max(1), |chunk, out| {
+        let mut row_values = vec![0.0f32; cols];
+        for (i, out) in out.chunks_mut(row_bytes.max(1)).enumerate() {
+            if let Err(e) = convert_row(chunk * CHUNK_ROWS + i, &mut row_values, out) {
+                first_error.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
+                return;
             }
-            Ok(())
-        },
-    )?;
+        }
+    });
+    if let Some(e) = first_error.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        return Err(e);
+    }
     WeightMatrix::new(rows, cols, target, ByteView::from_vec(bytes))
 }
 
