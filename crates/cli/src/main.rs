@@ -23,6 +23,10 @@ struct Cli {
     /// about as large as the weights): less memory, slower batched decode and BF16 decode.
     #[arg(long = "no-repack", global = true)]
     no_repack: bool,
+    /// Read weight files into memory instead of mapping them (slower start, memory not shared
+    /// with the page cache; huge pages where the kernel allows, for faster `Q4_K`/`Q6_K` decode).
+    #[arg(long = "no-mmap", global = true)]
+    no_mmap: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -62,6 +66,7 @@ fn main() -> anyhow::Result<()> {
         r1serve_kernels::cpu::pool::set_threads(threads);
     }
     r1serve_kernels::cpu::set_weight_repacking(!cli.no_repack);
+    r1serve_model::set_memory_mapping(!cli.no_mmap);
     match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Inspect(args) => inspect::run(args),

@@ -257,6 +257,35 @@ fn greedy_reproduces_golden_without_repacking() {
     }
 }
 
+/// `--no-mmap` reads the files into memory: same answers, from safetensors and from GGUF.
+#[test]
+fn weights_read_into_memory_give_the_same_answers() {
+    check_greedy_with("qwen2-bf16", &["--no-mmap"]);
+    let gguf = fixture("gguf/qwen2-f32.gguf");
+    let run = |flags: &[&str]| {
+        let mut a = args(&[
+            "generate",
+            "--format",
+            "json",
+            "--max-tokens",
+            "6",
+            "--ignore-eos",
+            "--echo",
+        ]);
+        a.extend(flags.iter().map(|f| f.to_string()));
+        a.extend([
+            "--model".into(),
+            gguf.display().to_string(),
+            "--prompt-ids".into(),
+            "1,2,3,4".into(),
+        ]);
+        run_json(&a)
+    };
+    let (mapped, read) = (run(&[]), run(&["--no-mmap"]));
+    assert_eq!(tokens(&mapped).len(), 6);
+    assert_eq!(mapped, read);
+}
+
 #[test]
 fn echo_and_top_logprobs_match_golden_llama_f32() {
     check_echo_and_top_logprobs("llama-f32");

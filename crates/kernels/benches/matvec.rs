@@ -256,9 +256,62 @@ fn gemm(c: &mut Criterion) {
     group.finish();
 }
 
+/// One decode token (`n = 1`) on all of the compute pool's threads, weights cycled from DRAM
+/// (`R1SERVE_BENCH_MIB`) as in a real model, in GB/s of stored weight bytes: `matmul` (the path a
+/// decode step takes, panels kept) and, where they run, the kept-panel GEMMs forced at one token.
+/// Compare with `memory/*` (one thread) and `r1serve bench`'s probe (all threads).
+fn decode(c: &mut Criterion) {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let mut group = c.benchmark_group("decode");
+    let isa = cpu::dot::isa();
+    for format in [
+        WeightFormat::Bf16,
+        WeightFormat::Q8_0,
+        WeightFormat::Q4K,
+        WeightFormat::Q6K,
+    ] {
+        let one = gemm_weights(format, 8960, 1536, &mut rng);
+        let copies = working_set_bytes().div_ceil(one.stored_bytes()).max(1);
+        let matrices: Vec<WeightMatrix> = (0..copies)
+            .map(|_| {
+                let bytes = (0..one.rows()).flat_map(|r| one.row_bytes(r).iter().copied()).collect();
+                WeightMatrix::new(one.rows(), one.cols(), format, ByteView::from_vec(bytes)).unwrap()
+            })
+            .collect();
+        let x: Vec<f32> = (0..one.cols()).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let mut out = vec![0.0f32; one.rows()];
+        group.throughput(Throughput::BytesDecimal(one.stored_bytes() as u64));
+        let mut next = 0;
+        group.bench_function(format!("{}/matmul", format.name()), |b| {
+            b.iter(|| {
+                cpu::matmul(&x, &matrices[next % copies], &mut out);
+                next += 1;
+            })
+        });
+        if format == WeightFormat::Q4K && cpu::gemm_q4k::available(isa) {
+            group.bench_function("Q4_K/gemm_q4k", |b| {
+                b.iter(|| {
+                    cpu::gemm_q4k::gemm_q4k(isa, &x, &matrices[next % copies], &mut out);
+                    next += 1;
+                })
+            });
+        }
+        // A matrix keeps one GEMM's panels: Q4_K's are the nibble panels above.
+        if format != WeightFormat::Q4K && cpu::gemm_int8::supports(&one) && cpu::gemm_int8::available(isa) {
+            group.bench_function(format!("{}/gemm_int8", format.name()), |b| {
+                b.iter(|| {
+                    cpu::gemm_int8::gemm_int8(isa, &x, &matrices[next % copies], &mut out);
+                    next += 1;
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(10);
-    targets = memory_read, matvec, gemm
+    targets = memory_read, matvec, gemm, decode
 }
 criterion_main!(benches);

@@ -15,3 +15,4 @@ pub use config::ModelDir;
 pub use error::{ModelError, Result};
 pub use model::{Batch, CausalLm, LogitsWanted, ModelInfo, ModelSummary, SeqInput};
 pub use registry::{load_model, load_model_with, summarize, LoadFormat, LoadOptions, ARCHITECTURES};
+pub use weights::set_memory_mapping;

@@ -5,7 +5,8 @@
 use std::cell::RefCell;
 
 use super::dot::{isa, Isa};
-use super::{pool, SharedMut};
+use super::pack::for_each_panel;
+use super::SharedMut;
 use crate::weight::WeightMatrix;
 
 /// Weight rows decoded together; 16 rows of a 9k-wide matrix stay inside a core's L2.
@@ -42,7 +43,7 @@ fn gemm_padded(xs: &[f32], n: usize, n_padded: usize, w: &WeightMatrix, out: &mu
     let (rows, cols) = (w.rows(), w.cols());
     let dst = SharedMut::new(out);
     let isa = isa();
-    pool::for_each(rows.div_ceil(PANEL_ROWS), |panel_index| {
+    for_each_panel(rows, |panel_index| {
         let first = panel_index * PANEL_ROWS;
         let count = PANEL_ROWS.min(rows - first);
         let count_padded = count.div_ceil(TILE) * TILE;

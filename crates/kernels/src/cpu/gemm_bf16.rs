@@ -20,7 +20,7 @@
 use std::cell::RefCell;
 
 use super::dot::Isa;
-use super::pack::{pack_stored_panel, panel_words, tiles, AlignedBuf, StoredPanels, PANEL_ROWS};
+use super::pack::{for_each_panel, pack_stored_panel, panel_words, tiles, AlignedBuf, StoredPanels, PANEL_ROWS};
 use super::{pool, SharedMut};
 use crate::dtype::WeightFormat;
 use crate::weight::WeightMatrix;
@@ -111,7 +111,7 @@ pub fn gemm_bf16_with(isa: Isa, bf16: bool, repack: bool, x: &[f32], w: &WeightM
                 tile.run(fast, tokens);
             }
         };
-        pool::for_each(rows.div_ceil(PANEL_ROWS), |p| match packed {
+        for_each_panel(rows, |p| match packed {
             Some(packed) => run_panel(p, packed.panel(p)),
             None => PANEL.with_borrow_mut(|(panel, zeros)| {
                 panel.resize(panel_words(w));

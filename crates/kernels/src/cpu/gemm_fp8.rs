@@ -14,8 +14,8 @@
 //! Accuracy: the same products as the row kernel, summed in f32 in another order.
 
 use super::dot::Isa;
-use super::pack::{tiles, StoredPanels, PANEL_ROWS};
-use super::{pool, SharedMut};
+use super::pack::{for_each_panel, tiles, StoredPanels, PANEL_ROWS};
+use super::SharedMut;
 use crate::dtype::WeightFormat;
 use crate::weight::WeightMatrix;
 
@@ -54,7 +54,7 @@ pub fn gemm_fp8(isa: Isa, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
     assert_eq!(out.len(), n * rows, "gemm output must be [n, rows]");
     let panels = w.backend_copy(|| StoredPanels::build(isa, w));
     let dst = SharedMut::new(out);
-    pool::for_each(rows.div_ceil(PANEL_ROWS), |p| {
+    for_each_panel(rows, |p| {
         let first = p * PANEL_ROWS;
         for (t, size) in tiles(n, TILE_TOKENS) {
             let tile = Tile {

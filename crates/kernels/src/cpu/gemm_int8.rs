@@ -18,7 +18,7 @@ use std::cell::RefCell;
 
 use super::dot::Isa;
 use super::int8_pack::{block_and_zero, decode_row, QuantTokens};
-use super::pack::{tiles, transpose16, AlignedBuf, PANEL_ROWS};
+use super::pack::{for_each_panel, tiles, transpose16, AlignedBuf, PANEL_ROWS};
 use super::pool::{self, DisjointChunks};
 use super::SharedMut;
 use crate::dtype::WeightFormat;
@@ -205,7 +205,7 @@ pub fn gemm_int8_with(isa: Isa, repack: bool, x: &[f32], w: &WeightMatrix, out: 
                 tile.run(fast, size, bk, zero == 0);
             }
         };
-        pool::for_each(rows.div_ceil(PANEL_ROWS), |p| match packed {
+        for_each_panel(rows, |p| match packed {
             Some(packed) => {
                 let (q, s, o) = packed.panel(p);
                 run_panel(p, q, s, o);

@@ -20,7 +20,7 @@ use std::cell::RefCell;
 
 use super::dot::Isa;
 use super::int8_pack::QuantTokens;
-use super::pack::{tiles, AlignedBuf, PANEL_ROWS};
+use super::pack::{for_each_panel, tiles, AlignedBuf, PANEL_ROWS};
 use super::pool::{self, DisjointChunks};
 use super::SharedMut;
 use crate::dtype::WeightFormat;
@@ -162,7 +162,7 @@ pub fn gemm_q4k(isa: Isa, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
         tokens.prepare(isa, x, k, QK, 0);
         let tokens = &*tokens;
         let dst = SharedMut::new(out);
-        pool::for_each(rows.div_ceil(PANEL_ROWS), |p| {
+        for_each_panel(rows, |p| {
             let first = p * PANEL_ROWS;
             for (t, size) in tiles(n, TILE_TOKENS) {
                 let tile = Tile {

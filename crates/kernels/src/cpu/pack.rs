@@ -41,6 +41,18 @@ impl StoredPanels {
     }
 }
 
+/// Runs `panel(p)` for every 32-row panel of a `rows`-row matrix on the compute pool, adjacent
+/// panels grouped into one task (about eight tasks per thread): each thread then streams a long
+/// stretch of the weights instead of single panels alternating with the other threads' (Q4_K_M,
+/// 8 decode streams: 102–104 vs 89–101 tokens/s).
+pub(crate) fn for_each_panel(rows: usize, panel: impl Fn(usize) + Sync) {
+    let count = rows.div_ceil(PANEL_ROWS);
+    let per_task = (count / (pool::threads() * 8)).max(1);
+    pool::for_each(count.div_ceil(per_task), |task| {
+        (task * per_task..((task + 1) * per_task).min(count)).for_each(&panel)
+    });
+}
+
 /// Dwords one panel of `w`'s stored rows takes: 32 rows of `row_bytes.div_ceil(4)`.
 pub(crate) fn panel_words(w: &WeightMatrix) -> usize {
     PANEL_ROWS * w.stored_row_bytes().div_ceil(4)
