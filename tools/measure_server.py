@@ -18,8 +18,9 @@ import argparse
 import http.client
 import json
 import random
+import selectors
+import socket
 import statistics
-import threading
 import time
 import urllib.parse
 
@@ -50,18 +51,47 @@ def first_token_ms(url, model, prompt_ids):
 
 
 def decode_tokens_per_s(url, model, prompts, max_tokens):
-    """Aggregate decode tokens/s of all `prompts` sent at once, while all of them are decoding."""
+    """Aggregate decode tokens/s of all `prompts` sent at once, while all of them are decoding.
+
+    One thread reads every stream through `selectors`: the client shares the machine's cores
+    with the server, and a heavier one (a thread per stream) falls behind the server at 8 streams
+    and then measures its own speed. Tokens are counted from each chunk's `logprobs.tokens`, not
+    per chunk: a chunk can carry several tokens (text held back until a character is complete).
+    """
+    parts = urllib.parse.urlsplit(url)
+    selector = selectors.DefaultSelector()
     arrivals = [[] for _ in prompts]
-
-    def run(i):
-        request = {"model": model, "prompt": prompts[i], "max_tokens": max_tokens, "ignore_eos": True}
-        arrivals[i] = list(token_arrivals(url, request))
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    buffers = [b"" for _ in prompts]
+    for i, prompt in enumerate(prompts):
+        body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
+                           "stream": True, "temperature": 0, "logprobs": 0}).encode()
+        sock = socket.create_connection((parts.hostname, parts.port or 80), timeout=600)
+        head = (f"POST /v1/completions HTTP/1.1\r\nHost: {parts.hostname}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        sock.sendall(head + body)
+        selector.register(sock, selectors.EVENT_READ, i)
+    open_streams = len(prompts)
+    while open_streams:
+        for key, _ in selector.select():
+            i = key.data
+            data = key.fileobj.recv(1 << 16)
+            now = time.perf_counter()
+            if not data:
+                selector.unregister(key.fileobj)
+                key.fileobj.close()
+                open_streams -= 1
+                continue
+            buffers[i] += data
+            # chunked transfer framing sits between events, never inside "data: {": count whole
+            # events (each token's chunk), leave a partial one in the buffer
+            *events, buffers[i] = buffers[i].split(b"\n\n")
+            for event in events:
+                at = event.find(b"data: {")
+                if at >= 0:
+                    for choice in json.loads(event[at + 6:]).get("choices", []):
+                        arrivals[i] += [now] * len((choice.get("logprobs") or {}).get("tokens") or [])
+    if any(not a for a in arrivals):
+        raise SystemExit("a stream ended without a token")
     # steady state: only while every stream is decoding (after the last first token, before the
     # first last token), so neither the staggered prefills nor the stragglers count
     start, end = max(a[0] for a in arrivals), min(a[-1] for a in arrivals)

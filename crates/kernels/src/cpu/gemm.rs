@@ -43,7 +43,7 @@ fn gemm_padded(xs: &[f32], n: usize, n_padded: usize, w: &WeightMatrix, out: &mu
     let (rows, cols) = (w.rows(), w.cols());
     let dst = SharedMut::new(out);
     let isa = isa();
-    for_each_panel(rows, |panel_index| {
+    for_each_panel(rows.div_ceil(PANEL_ROWS), |panel_index| {
         let first = panel_index * PANEL_ROWS;
         let count = PANEL_ROWS.min(rows - first);
         let count_padded = count.div_ceil(TILE) * TILE;

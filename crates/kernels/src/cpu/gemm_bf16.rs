@@ -111,7 +111,7 @@ pub fn gemm_bf16_with(isa: Isa, bf16: bool, repack: bool, x: &[f32], w: &WeightM
                 tile.run(fast, tokens);
             }
         };
-        for_each_panel(rows, |p| match packed {
+        for_each_panel(rows.div_ceil(PANEL_ROWS), |p| match packed {
             Some(packed) => run_panel(p, packed.panel(p)),
             None => PANEL.with_borrow_mut(|(panel, zeros)| {
                 panel.resize(panel_words(w));

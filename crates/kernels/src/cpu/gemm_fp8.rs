@@ -54,7 +54,7 @@ pub fn gemm_fp8(isa: Isa, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
     assert_eq!(out.len(), n * rows, "gemm output must be [n, rows]");
     let panels = w.backend_copy(|| StoredPanels::build(isa, w));
     let dst = SharedMut::new(out);
-    for_each_panel(rows, |p| {
+    for_each_panel(rows.div_ceil(PANEL_ROWS), |p| {
         let first = p * PANEL_ROWS;
         for (t, size) in tiles(n, TILE_TOKENS) {
             let tile = Tile {

@@ -205,7 +205,7 @@ pub fn gemm_int8_with(isa: Isa, repack: bool, x: &[f32], w: &WeightMatrix, out: 
                 tile.run(fast, size, bk, zero == 0);
             }
         };
-        for_each_panel(rows, |p| match packed {
+        for_each_panel(rows.div_ceil(PANEL_ROWS), |p| match packed {
             Some(packed) => {
                 let (q, s, o) = packed.panel(p);
                 run_panel(p, q, s, o);

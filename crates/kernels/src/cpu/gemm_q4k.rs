@@ -162,7 +162,7 @@ pub fn gemm_q4k(isa: Isa, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
         tokens.prepare(isa, x, k, QK, 0);
         let tokens = &*tokens;
         let dst = SharedMut::new(out);
-        for_each_panel(rows, |p| {
+        for_each_panel(rows.div_ceil(PANEL_ROWS), |p| {
             let first = p * PANEL_ROWS;
             for (t, size) in tiles(n, TILE_TOKENS) {
                 let tile = Tile {

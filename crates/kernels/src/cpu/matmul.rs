@@ -93,21 +93,9 @@ fn choose_path(w: &WeightMatrix, isa: Isa, n: usize, repack: bool) -> Path {
     }
     let gemm_min = match gemm_for(w, isa, repack) {
         Gemm::Fp8 => 1,
-        Gemm::Q4k => {
-            if std::env::var_os("EXP_Q4").is_some() {
-                1
-            } else {
-                2
-            }
-        }
+        Gemm::Q4k => 2,
         Gemm::Int8 if repack && format == WeightFormat::Q8_0 => 1,
-        Gemm::Int8 if repack => {
-            if std::env::var_os("EXP_Q6").is_some() {
-                1
-            } else {
-                2
-            }
-        }
+        Gemm::Int8 if repack => 2,
         Gemm::Int8 => 6,
         Gemm::Bf16 if repack => 1,
         _ if format.is_block_quantized() => GEMM_MIN_TOKENS_QUANTIZED,

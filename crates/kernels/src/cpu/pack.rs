@@ -41,12 +41,11 @@ impl StoredPanels {
     }
 }
 
-/// Runs `panel(p)` for every 32-row panel of a `rows`-row matrix on the compute pool, adjacent
-/// panels grouped into one task (about eight tasks per thread): each thread then streams a long
-/// stretch of the weights instead of single panels alternating with the other threads' (Q4_K_M,
-/// 8 decode streams: 102–104 vs 89–101 tokens/s).
-pub(crate) fn for_each_panel(rows: usize, panel: impl Fn(usize) + Sync) {
-    let count = rows.div_ceil(PANEL_ROWS);
+/// Runs `panel(p)` for every `p < count` (a matrix's panels) on the compute pool, adjacent panels
+/// grouped into one task (about eight tasks per thread): each thread then streams a long stretch
+/// of the weights instead of single panels alternating with the other threads' (Q4_K_M, 8 decode
+/// streams: 102–104 vs 89–101 tokens/s).
+pub(crate) fn for_each_panel(count: usize, panel: impl Fn(usize) + Sync) {
     let per_task = (count / (pool::threads() * 8)).max(1);
     pool::for_each(count.div_ceil(per_task), |task| {
         (task * per_task..((task + 1) * per_task).min(count)).for_each(&panel)

@@ -1,5 +1,5 @@
-//! The compute pool: the calling thread plus `threads - 1` helpers that spin for a while between
-//! jobs before they sleep.
+//! The compute pool: the calling thread plus `threads - 1` helpers that spin (yielding to any
+//! other runnable thread) for a while between jobs before they sleep.
 //!
 //! A decode step is a few hundred short parallel loops (one per matmul, norm-sized gaps between
 //! them). Through a work-stealing pool each loop wakes a sleeping worker and puts the caller to
@@ -230,8 +230,13 @@ impl Pool {
             }
             std::hint::spin_loop();
             spins += 1;
-            if spins.is_multiple_of(256) && start.elapsed() > SPIN {
-                break;
+            if spins.is_multiple_of(64) {
+                if start.elapsed() > SPIN {
+                    break;
+                }
+                // Let any other runnable thread (the server's I/O, a client on the same cores)
+                // have the core; with none, this returns at once.
+                std::thread::yield_now();
             }
         }
         let mut guard = self.sleep_lock.lock().unwrap_or_else(|e| e.into_inner());
