@@ -263,23 +263,8 @@ fn weights_read_into_memory_give_the_same_answers() {
     check_greedy_with("qwen2-bf16", &["--no-mmap"]);
     let gguf = fixture("gguf/qwen2-f32.gguf");
     let run = |flags: &[&str]| {
-        let mut a = args(&[
-            "generate",
-            "--format",
-            "json",
-            "--max-tokens",
-            "6",
-            "--ignore-eos",
-            "--echo",
-        ]);
-        a.extend(flags.iter().map(|f| f.to_string()));
-        a.extend([
-            "--model".into(),
-            gguf.display().to_string(),
-            "--prompt-ids".into(),
-            "1,2,3,4".into(),
-        ]);
-        run_json(&a)
+        let extra: Vec<&str> = ["--ignore-eos", "--echo"].iter().chain(flags).copied().collect();
+        run_json(&generate_args(&gguf, &[1, 2, 3, 4], 6, &extra))
     };
     let (mapped, read) = (run(&[]), run(&["--no-mmap"]));
     assert_eq!(tokens(&mapped).len(), 6);
