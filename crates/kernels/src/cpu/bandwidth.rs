@@ -1,9 +1,8 @@
 //! The machine's memory read bandwidth, measured the way decode reads weights: every thread
 //! streams its share of a buffer much larger than the caches.
 
-use std::time::Instant;
-
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use super::pool;
 

@@ -1,9 +1,9 @@
 //! In-situ conversion at load: weights read in their stored format are re-encoded into the
 //! format the user asked for (`--quant q4_k`, `--quant bf16`, ...), row by row across the pool.
 
-use half::{bf16, f16};
 use std::sync::Mutex;
 
+use half::{bf16, f16};
 use r1serve_kernels::cpu::pool;
 use r1serve_kernels::quant::quantize;
 use r1serve_kernels::{ByteView, WeightError, WeightFormat, WeightMatrix};
