@@ -9,8 +9,9 @@ Usage:
 ids (a fresh prompt per run, so the prefix cache cannot help) and times the arrival of the first
 chunk that carries a token; prints every run and the median, in ms.
 `streams`: decode speed of one stream alone, then of `--streams` concurrent ones (short distinct
-prompts, `ignore_eos`, `--max-tokens` each) counted only while all of them decode; prints both
-aggregate tokens/s and their ratio.
+prompts, `ignore_eos`, `--max-tokens` each) counted only while all of them decode, tokens taken
+from each chunk's `logprobs` (the server must return them); prints both aggregate tokens/s and
+their ratio.
 Standard library only.
 """
 
