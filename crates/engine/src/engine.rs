@@ -73,10 +73,9 @@ impl Engine {
             accepting: AtomicBool::new(true),
         });
         let (commands, rx) = mpsc::channel();
-        let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("r1serve-engine".into())
-            .spawn(move || run(core, rx, &thread_shared))
+            .spawn(move || run(core, rx))
             .map_err(|e| EngineError::Config(format!("cannot start the engine thread: {e}")))?;
         info!(
             architecture = %info.architecture,
@@ -218,16 +217,12 @@ fn reject(sink: &EventSender, reason: FinishReason, error: Option<String>) {
     });
 }
 
-fn publish(core: &EngineCore, shared: &Shared) {
-    *shared.stats.lock().unwrap_or_else(PoisonError::into_inner) = core.stats();
-}
-
-/// The engine loop: take commands (blocking while idle), step, publish stats.
-fn run(mut core: EngineCore, commands: Receiver<Command>, shared: &Shared) {
+/// The engine loop: take commands (blocking while idle, with the stats published), step.
+fn run(mut core: EngineCore, commands: Receiver<Command>) {
     let mut draining = false;
     'run: loop {
         if !core.has_work() {
-            publish(&core, shared);
+            core.publish_stats();
             if draining {
                 break;
             }
@@ -250,8 +245,8 @@ fn run(mut core: EngineCore, commands: Receiver<Command>, shared: &Shared) {
                 }
             }
         }
+        // The step publishes its stats itself, before its `Finished` events.
         core.step();
-        publish(&core, shared);
     }
     // Requests that raced with shutdown: tell them rather than closing their channel silently.
     core.abort_all();
@@ -260,6 +255,6 @@ fn run(mut core: EngineCore, commands: Receiver<Command>, shared: &Shared) {
             reject(&sink, FinishReason::Abort, Some("the engine is shutting down".into()));
         }
     }
-    publish(&core, shared);
+    core.publish_stats();
     info!("engine stopped");
 }

@@ -169,12 +169,16 @@ impl EngineCore {
         self.out.snapshot = Some(snapshot);
     }
 
-    /// Publishes the stats (see [`Self::publish_stats_to`]), then sends the held `Finished`
-    /// events.
-    fn deliver(&mut self) {
+    /// Writes [`Self::stats`] where [`Self::publish_stats_to`] asked (nothing if it was not).
+    pub fn publish_stats(&self) {
         if let Some(snapshot) = &self.out.snapshot {
             *snapshot.lock().unwrap_or_else(PoisonError::into_inner) = self.stats();
         }
+    }
+
+    /// Publishes the stats, then sends the held `Finished` events.
+    fn deliver(&mut self) {
+        self.publish_stats();
         for (id, event) in std::mem::take(&mut self.out.finished) {
             self.out.send(id, event);
             self.out.sinks.remove(&id);
@@ -208,6 +212,7 @@ impl EngineCore {
                 warn!(id, "the request at the head of the queue cannot be scheduled");
                 self.fail_request(id, "the request cannot be scheduled in the KV cache".into());
             }
+            self.publish_stats();
             return 0;
         }
         for s in &plan.scheduled {

@@ -18,8 +18,8 @@ use std::cell::RefCell;
 
 use super::dot::Isa;
 use super::int8_pack::{block_and_zero, decode_row, QuantTokens};
-use super::pack::{for_each_panel, tiles, transpose16, AlignedBuf, PANEL_ROWS};
-use super::pool::{self, DisjointChunks};
+use super::pack::{for_each_panel, for_each_panel_with, tiles, transpose16, AlignedBuf, PANEL_ROWS};
+use super::pool::DisjointChunks;
 use super::SharedMut;
 use crate::dtype::WeightFormat;
 use crate::weight::WeightMatrix;
@@ -66,21 +66,11 @@ impl Int8Panels {
         );
         // Empty pieces when the format has no offsets.
         let o_panels = DisjointChunks::new(&mut o, panel_scales);
-        pool::for_each(panels, |p| {
+        for_each_panel_with(panels, |scratch: &mut Vec<u8>, p| {
             let first = p * PANEL_ROWS;
-            // SAFETY: `for_each` runs each panel index once.
+            // SAFETY: `for_each_panel_with` runs each panel index once.
             let (q, s, o) = unsafe { (q_panels.get(p), s_panels.get(p), o_panels.get(p)) };
-            pack_panel(
-                isa,
-                w,
-                first,
-                PANEL_ROWS.min(rows - first),
-                bk,
-                &mut Vec::new(),
-                q,
-                s,
-                o,
-            );
+            pack_panel(isa, w, first, PANEL_ROWS.min(rows - first), bk, scratch, q, s, o);
         });
         let s = if matches!(w.format(), WeightFormat::Q8_0 | WeightFormat::Q4_0) {
             // Exact: each scale was read from an f16.
@@ -381,6 +371,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{Scales, Tile};
+    use crate::cpu::pack::add_block;
 
     /// `T` tokens × 32 rows, blocks of `BK` values, with or without offsets, scales as f32 or
     /// (`HALF`) f16.
@@ -437,18 +428,7 @@ mod x86 {
                 } else {
                     [_mm512_setzero_ps(); 2]
                 };
-                for (t, (acc, sums)) in acc.iter_mut().zip(&sums).enumerate() {
-                    let d = _mm512_set1_ps(*dx.add(t * blocks + b));
-                    for g in 0..2 {
-                        acc[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[g]), _mm512_mul_ps(scales[g], d), acc[g]);
-                    }
-                    if OFFSETS {
-                        let m = _mm512_set1_ps(*dxs.add(t * blocks + b));
-                        for g in 0..2 {
-                            acc[g] = _mm512_fmadd_ps(offsets[g], m, acc[g]);
-                        }
-                    }
-                }
+                add_block::<T, OFFSETS>(&mut acc, &sums, scales, offsets, dx.add(b), dxs.add(b), blocks);
             }
         }
         // SAFETY: AVX-512F is enabled here; the caller owns outputs `out_at + t·stride + r`.

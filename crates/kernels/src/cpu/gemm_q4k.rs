@@ -9,7 +9,8 @@
 //! - `q`: per 32-value block `b`, four 64-byte vectors `i`; row `r`'s 4 bytes `e` of vector `i`
 //!   hold value `32b + 4i + e` in the low nibble and value `32b + 16 + 4i + e` in the high one;
 //! - `sc`, `m`: per block, 16 bytes (one per row): the six-bit scale and min;
-//! - `d`, `dmin`: per super-block of 256 values, 16 f32 (the stored f16 values).
+//! - `d`, `dmin`: per super-block of 256 values, 16 f32: the stored f16 `d` and the negated
+//!   `dmin`, so that the min term is added like `gemm_int8`'s offsets.
 //!
 //! One 64-byte load thus gives two `vpdpbusd` operands (a mask, and a shift and a mask) for 16
 //! rows, against each token's matching 4 bytes broadcast. Per block the exact i32 sums become
@@ -85,7 +86,7 @@ impl Q4kPanels {
                 let row = w.row_bytes(p * PANEL_ROWS + r);
                 for (sb, block) in row.chunks_exact(q4_k::BLOCK_BYTES).enumerate() {
                     d[(g * supers + sb) * 16 + i] = f16_at(block, 0);
-                    dmin[(g * supers + sb) * 16 + i] = f16_at(block, 2);
+                    dmin[(g * supers + sb) * 16 + i] = -f16_at(block, 2);
                     let (scales, mins) = q4_k::scales_mins(&block[4..16]);
                     for j in 0..8 {
                         let b = 8 * sb + j;
@@ -244,7 +245,7 @@ impl Tile<'_> {
                     let s = panel.sc[at] as f32 * panel.d[sb];
                     let o = panel.m[at] as f32 * panel.dmin[sb];
                     acc += sum as f32 * (s * tokens.dx[t * blocks + b]);
-                    acc += -o * tokens.dxs[t * blocks + b];
+                    acc += o * tokens.dxs[t * blocks + b];
                 }
                 // SAFETY: the caller owns rows `..count` of this tile's tokens in the output.
                 unsafe {
@@ -261,6 +262,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::Tile;
+    use crate::cpu::pack::add_block;
 
     /// `T` tokens × 32 rows.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -330,14 +332,7 @@ mod x86 {
                     s[g] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes(p.sc))), dv[g]);
                     o[g] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes(p.m))), mv[g]);
                 }
-                for (t, (acc, sums)) in acc.iter_mut().zip(&sums).enumerate() {
-                    let d = _mm512_set1_ps(*dx.add(t * blocks + b));
-                    let ds = _mm512_set1_ps(*dxs.add(t * blocks + b));
-                    for g in 0..2 {
-                        acc[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[g]), _mm512_mul_ps(s[g], d), acc[g]);
-                        acc[g] = _mm512_fnmadd_ps(o[g], ds, acc[g]);
-                    }
-                }
+                add_block::<T, true>(&mut acc, &sums, s, o, dx.add(b), dxs.add(b), blocks);
             }
         }
         // SAFETY: AVX-512F is enabled here; the caller owns outputs `out_at + t·stride + r`.

@@ -46,9 +46,17 @@ impl StoredPanels {
 /// of the weights instead of single panels alternating with the other threads' (Q4_K_M, 8 decode
 /// streams: 102–104 vs 89–101 tokens/s).
 pub(crate) fn for_each_panel(count: usize, panel: impl Fn(usize) + Sync) {
+    for_each_panel_with(count, |_: &mut (), p| panel(p));
+}
+
+/// [`for_each_panel`], with scratch that each task makes once and lends to its panels in turn.
+pub(crate) fn for_each_panel_with<S: Default>(count: usize, panel: impl Fn(&mut S, usize) + Sync) {
     let per_task = (count / (pool::threads() * 8)).max(1);
     pool::for_each(count.div_ceil(per_task), |task| {
-        (task * per_task..((task + 1) * per_task).min(count)).for_each(&panel)
+        let mut scratch = S::default();
+        for p in task * per_task..((task + 1) * per_task).min(count) {
+            panel(&mut scratch, p);
+        }
     });
 }
 
@@ -59,12 +67,12 @@ pub(crate) fn panel_words(w: &WeightMatrix) -> usize {
 
 /// Packs panel `p` of `w`'s stored rows (rows `32p..`, at most 32) into `panel`
 /// ([`panel_words`] dwords): two 16-row groups transposed by [`transpose16`]; rows past the end
-/// are zeros (taken from `zeros`, grown as needed).
+/// are zeros (taken from `zeros`, grown only for a partial last panel).
 pub(crate) fn pack_stored_panel(isa: Isa, w: &WeightMatrix, p: usize, panel: &mut [u32], zeros: &mut Vec<u8>) {
     let first = p * PANEL_ROWS;
     let count = PANEL_ROWS.min(w.rows() - first);
     let row_len = w.stored_row_bytes();
-    if zeros.len() < row_len {
+    if count < PANEL_ROWS && zeros.len() < row_len {
         zeros.resize(row_len, 0);
     }
     for (g, dst) in panel.chunks_exact_mut(panel.len() / 2).enumerate() {
@@ -164,6 +172,42 @@ pub(crate) unsafe fn store_tile<const T: usize>(
             let mask: __mmask16 = if valid == 16 { 0xffff } else { (1u16 << valid) - 1 };
             // SAFETY: the caller owns outputs `out_at + t·out_stride + r` for `r < count`.
             unsafe { _mm512_mask_storeu_ps(out.add(out_at + t * out_stride + 16 * g), mask, v) };
+        }
+    }
+}
+
+/// One block's integer sums into a tile's accumulators, per token `t` and 16-row group `g`:
+/// `acc += f32(sums) · (scale · d_x) + offset · (d_x·Σq_x)` (the offset term only with
+/// `OFFSETS`), where `d_x = dx[t·stride]` and `d_x·Σq_x = dxs[t·stride]`. The integer GEMMs'
+/// shared block epilogue.
+///
+/// # Safety
+/// AVX-512F must be available, and `dx`/`dxs` readable at `t·stride` for `t < T`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn add_block<const T: usize, const OFFSETS: bool>(
+    acc: &mut [[std::arch::x86_64::__m512; 2]; T],
+    sums: &[[std::arch::x86_64::__m512i; 2]; T],
+    scales: [std::arch::x86_64::__m512; 2],
+    offsets: [std::arch::x86_64::__m512; 2],
+    dx: *const f32,
+    dxs: *const f32,
+    stride: usize,
+) {
+    use std::arch::x86_64::*;
+    // SAFETY: AVX-512F and the reads are guaranteed by the caller (see above).
+    unsafe {
+        for (t, (acc, sums)) in acc.iter_mut().zip(sums).enumerate() {
+            let d = _mm512_set1_ps(*dx.add(t * stride));
+            for g in 0..2 {
+                acc[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[g]), _mm512_mul_ps(scales[g], d), acc[g]);
+            }
+            if OFFSETS {
+                let m = _mm512_set1_ps(*dxs.add(t * stride));
+                for g in 0..2 {
+                    acc[g] = _mm512_fmadd_ps(offsets[g], m, acc[g]);
+                }
+            }
         }
     }
 }

@@ -42,6 +42,13 @@ pub fn threads() -> usize {
     }
 }
 
+/// The pool, started (helpers spawned) on first use.
+fn pool() -> &'static Pool {
+    let pool = POOL.get_or_init(|| Pool::new(threads()));
+    HELPERS.call_once(|| pool.spawn_helpers());
+    pool
+}
+
 /// Runs `task(i)` for every `i < tasks` on the pool's threads, the caller's included, and
 /// returns when all are done. Tasks are claimed one at a time, so uneven ones balance out.
 pub fn for_each(tasks: usize, task: impl Fn(usize) + Sync) {
@@ -49,8 +56,7 @@ pub fn for_each(tasks: usize, task: impl Fn(usize) + Sync) {
         (0..tasks).for_each(task);
         return;
     }
-    let pool: &'static Pool = POOL.get_or_init(|| Pool::new(threads()));
-    HELPERS.call_once(|| pool.spawn_helpers());
+    let pool = pool();
     if pool.helpers == 0 || pool.busy.swap(true, SeqCst) {
         (0..tasks).for_each(task);
         return;
@@ -61,7 +67,7 @@ pub fn for_each(tasks: usize, task: impl Fn(usize) + Sync) {
 /// Runs `f` with every job it submits run on this thread alone (for one-thread measurements):
 /// it holds the pool, so jobs submitted meanwhile from other threads run on their callers too.
 pub fn single_threaded<R>(f: impl FnOnce() -> R) -> R {
-    let pool: &'static Pool = POOL.get_or_init(|| Pool::new(threads()));
+    let pool = pool();
     while pool.busy.swap(true, SeqCst) {
         std::thread::yield_now();
     }
