@@ -2,13 +2,12 @@
 //! against the machine's measured read bandwidth (the decode roofline).
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use r1serve_kernels::cpu::bandwidth::measure_read_bandwidth;
-use r1serve_kernels::{CpuBackend, PagedKvCache};
+use r1serve_kernels::PagedKvCache;
 use r1serve_model::{load_model_with, Batch, CausalLm, LoadFormat, LogitsWanted, ModelDir, SeqInput};
 use serde::Serialize;
 
@@ -161,7 +160,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     let options = crate::load_options(format, args.quant);
     let load_start = Instant::now();
-    let model = load_model_with(&dir, &options, Arc::new(CpuBackend)).with_context(|| format!("cannot load {name}"))?;
+    let model = load_model_with(&dir, &options, crate::cpu_backend()).with_context(|| format!("cannot load {name}"))?;
     tracing::info!(seconds = load_start.elapsed().as_secs_f64(), "model loaded");
     let context = model.info().max_position_embeddings;
     if args.n_prompt > context || args.n_gen > context {

@@ -2,13 +2,11 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use r1serve_chat::IncrementalDecoder;
 use r1serve_engine::{generate, GenerateRequest, SamplingParams};
-use r1serve_kernels::CpuBackend;
 use serde_json::json;
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -73,7 +71,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         (None, None) => bail!("give --prompt or --prompt-ids"),
     };
     let options = crate::load_options(r1serve_model::LoadFormat::Auto, args.quant);
-    let model = r1serve_model::load_model_with(&r1serve_model::ModelDir::open(&dir)?, &options, Arc::new(CpuBackend))
+    let model = r1serve_model::load_model_with(&r1serve_model::ModelDir::open(&dir)?, &options, crate::cpu_backend())
         .with_context(|| format!("cannot load the model in {}", dir.display()))?;
     let request = GenerateRequest {
         prompt,

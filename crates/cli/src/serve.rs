@@ -9,7 +9,6 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use r1serve_engine::{Engine, EngineConfig, KvCacheSize};
-use r1serve_kernels::CpuBackend;
 use r1serve_server::{ModelContext, Server, ServerConfig};
 use tracing::{error, info, warn};
 
@@ -165,7 +164,7 @@ pub(crate) fn load_context(
         );
     };
     let options = crate::load_options(r1serve_model::LoadFormat::Auto, quant);
-    let model = r1serve_model::load_model_with(&model_dir, &options, Arc::new(CpuBackend))
+    let model = r1serve_model::load_model_with(&model_dir, &options, crate::cpu_backend())
         .with_context(|| format!("cannot load the model in {}", path.display()))?;
     if r1serve_kernels::cpu::weight_repacking() {
         let started = std::time::Instant::now();

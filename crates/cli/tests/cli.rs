@@ -163,11 +163,16 @@ fn check_greedy(name: &str) {
     check_greedy_with(name, &[]);
 }
 
-/// [`check_greedy`] with extra command-line flags.
+/// [`check_greedy`] with extra command-line flags. Activations stay f32 (`--dtype float32`), as
+/// in the reference.
 fn check_greedy_with(name: &str, flags: &[&str]) {
     let model = fixture(name);
     for (ci, case) in golden(name).cases.iter().enumerate() {
-        let extra: Vec<&str> = ["--ignore-eos"].iter().chain(flags).copied().collect();
+        let extra: Vec<&str> = ["--ignore-eos", "--dtype", "float32"]
+            .iter()
+            .chain(flags)
+            .copied()
+            .collect();
         let out = run_json(&generate_args(&model, &case.prompt, 16, &extra));
         assert_eq!(tokens(&out), case.greedy, "{name} case {ci}: greedy tokens");
         assert_eq!(out["finish_reason"], "length", "{name} case {ci}");
@@ -191,7 +196,7 @@ fn check_echo_and_top_logprobs(name: &str) {
             &model,
             &case.prompt,
             16,
-            &["--ignore-eos", "--echo", "--top-logprobs", "3"],
+            &["--ignore-eos", "--echo", "--top-logprobs", "3", "--dtype", "float32"],
         ));
         let generated = tokens(&out);
         assert_eq!(generated, case.greedy, "{name} case {ci}: greedy tokens with --echo");
@@ -255,6 +260,36 @@ fn greedy_reproduces_golden_without_repacking() {
     for name in ["qwen2-bf16", "dsv3-fp8"] {
         check_greedy_with(name, &["--no-repack"]);
     }
+}
+
+/// The default `--dtype` rounds the activations of BF16 products to BF16: the golden greedy
+/// tokens still, log-probs within 0.1 of the f32 reference (crates/model/tests/golden.rs says
+/// why 0.1) but not equal to `--dtype float32`'s; an unknown `--dtype` is refused by name.
+#[test]
+fn dtype_chooses_the_precision_of_bf16_products() {
+    let name = "qwen2-bf16";
+    let case = &golden(name).cases[0];
+    let run = |flags: &[&str]| {
+        let extra: Vec<&str> = ["--ignore-eos"].iter().chain(flags).copied().collect();
+        run_json(&generate_args(&fixture(name), &case.prompt, 16, &extra))
+    };
+    let (auto, exact) = (run(&[]), run(&["--dtype", "float32"]));
+    assert_eq!(tokens(&auto), case.greedy);
+    assert_eq!(run(&["--dtype", "bfloat16"]), auto);
+    let (auto_lps, exact_lps) = (floats(&auto["logprobs"]), floats(&exact["logprobs"]));
+    for (j, (&lp, &token)) in auto_lps.iter().zip(&case.greedy).enumerate() {
+        let reference = case.logprobs[case.prompt.len() - 1 + j][token as usize];
+        assert!(
+            (lp - reference).abs() <= 0.1,
+            "token {j}: {lp} vs reference {reference}"
+        );
+    }
+    assert_ne!(auto_lps, exact_lps, "--dtype float32 must change the BF16 products");
+
+    run_err(
+        &generate_args(&fixture(name), &case.prompt, 2, &["--dtype", "float64"]),
+        &["float64", "float32"],
+    );
 }
 
 /// `--no-mmap` reads the files into memory: same answers, from safetensors and from GGUF.

@@ -14,7 +14,7 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use r1serve_kernels::cpu;
 use r1serve_kernels::cpu::dot::{dot_row_prepared_with, Isa};
-use r1serve_kernels::{ByteView, PreparedActivations, WeightFormat, WeightMatrix};
+use r1serve_kernels::{ByteView, MatmulPrecision, PreparedActivations, WeightFormat, WeightMatrix};
 use rand::{Rng, SeedableRng};
 
 const N: usize = 4096;
@@ -227,13 +227,20 @@ fn gemm(c: &mut Criterion) {
                     b.iter(|| cpu::pool::single_threaded(|| cpu::gemm_f32_panels(&x, &w, &mut out)))
                 });
                 group.bench_function(name("matmul"), |b| {
-                    b.iter(|| cpu::pool::single_threaded(|| cpu::matmul(&x, &w, &mut out)))
+                    b.iter(|| cpu::pool::single_threaded(|| cpu::matmul(&x, &w, &mut out, MatmulPrecision::default())))
                 });
                 let isa = cpu::dot::isa();
                 if format == WeightFormat::Bf16 && cpu::gemm_bf16::available(isa) {
-                    group.bench_function(name("gemm_bf16"), |b| {
-                        b.iter(|| cpu::pool::single_threaded(|| cpu::gemm_bf16::gemm_bf16(isa, &x, &w, &mut out)))
-                    });
+                    let repack = cpu::weight_repacking();
+                    for (path, bf16) in [("gemm_bf16", true), ("gemm_bf16_f32", false)] {
+                        group.bench_function(name(path), |b| {
+                            b.iter(|| {
+                                cpu::pool::single_threaded(|| {
+                                    cpu::gemm_bf16::gemm_bf16_with(isa, bf16, repack, &x, &w, &mut out)
+                                })
+                            })
+                        });
+                    }
                 }
                 if format == WeightFormat::Q4K && cpu::gemm_q4k::available(isa) {
                     group.bench_function(name("gemm_q4k"), |b| {
@@ -284,7 +291,7 @@ fn decode(c: &mut Criterion) {
         let mut next = 0;
         group.bench_function(format!("{}/matmul", format.name()), |b| {
             b.iter(|| {
-                cpu::matmul(&x, &matrices[next % copies], &mut out);
+                cpu::matmul(&x, &matrices[next % copies], &mut out, MatmulPrecision::default());
                 next += 1;
             })
         });

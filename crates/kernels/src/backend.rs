@@ -7,6 +7,19 @@ use crate::kv_cache::PagedKvCache;
 use crate::rope::RopeTable;
 use crate::weight::WeightMatrix;
 
+/// What a matmul does with its f32 activations where the weights are BF16.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MatmulPrecision {
+    /// Rounded once to BF16 (to nearest even: relative error ≤ 2⁻⁹ each), as llama.cpp and
+    /// PyTorch's bf16 inference do, so the products run on BF16 instructions (`vdpbf16ps`: twice
+    /// the multiply-adds of f32 per instruction). BF16 × BF16 products are exact in f32, so every
+    /// kernel path gives the same sums up to summation order.
+    #[default]
+    Bf16,
+    /// Kept f32: every product exact, as in an f32 reference on the same weights.
+    F32,
+}
+
 /// One sequence's tokens inside a flat batch: they are contiguous in the batch and sit at
 /// positions `start_pos..start_pos + len` of the sequence, whose KV slots live in `block_table`.
 #[derive(Clone, Copy, Debug)]
@@ -76,8 +89,13 @@ impl AttentionLayout {
 pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
 
-    /// `out[n, w.rows] = x[n, w.cols] · wᵀ`.
+    /// `out[n, w.rows] = x[n, w.cols] · wᵀ`, at the backend's [`MatmulPrecision`].
     fn matmul(&self, x: &[f32], w: &WeightMatrix, out: &mut [f32]);
+
+    /// [`Backend::matmul`] with f32 activations whatever the backend's precision: for products
+    /// that feed discrete choices (the MoE router's expert selection, which transformers also
+    /// computes in f32), where a BF16 rounding can flip an expert.
+    fn matmul_f32(&self, x: &[f32], w: &WeightMatrix, out: &mut [f32]);
 
     /// Builds now what the backend would otherwise build on `w`'s first use (its own copy of the
     /// weights), so that it does not happen while serving.

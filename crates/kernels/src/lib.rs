@@ -11,7 +11,7 @@ pub mod quant;
 pub mod rope;
 pub mod weight;
 
-pub use backend::{AttentionLayout, Backend, SeqSpan};
+pub use backend::{AttentionLayout, Backend, MatmulPrecision, SeqSpan};
 pub use cpu::CpuBackend;
 pub use dtype::WeightFormat;
 pub use kv_cache::PagedKvCache;

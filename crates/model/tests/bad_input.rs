@@ -51,7 +51,7 @@ fn panic_message(payload: Box<dyn Any + Send>) -> String {
 
 /// Loads `dir`; asserts it neither panics nor succeeds, and returns the error's message.
 fn load_err(dir: &Path) -> String {
-    let result = catch_unwind(AssertUnwindSafe(|| load_model(dir, Arc::new(CpuBackend))));
+    let result = catch_unwind(AssertUnwindSafe(|| load_model(dir, Arc::new(CpuBackend::default()))));
     match result {
         Err(payload) => panic!("loading {} panicked: {}", dir.display(), panic_message(payload)),
         Ok(Ok(_)) => panic!("loading {} succeeded but should have failed", dir.display()),
@@ -66,7 +66,7 @@ fn load_err(dir: &Path) -> String {
 /// Loads `dir` and expects success (the positive controls that prove a damage test fails for the
 /// reason it claims, not because the test's writer is wrong).
 fn load_ok(dir: &Path) -> Box<dyn CausalLm> {
-    load_model(dir, Arc::new(CpuBackend)).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+    load_model(dir, Arc::new(CpuBackend::default())).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
 }
 
 #[track_caller]

@@ -44,7 +44,7 @@ fn decode_steps_allocate_no_buffers() {
 fn check_all_architectures() {
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
     for name in ["llama-f32", "qwen2-bf16", "dsv3-f32", "dsv3-fp8", "dsv2-f32"] {
-        let model = load_model(fixtures.join(name), Arc::new(CpuBackend)).unwrap();
+        let model = load_model(fixtures.join(name), Arc::new(CpuBackend::default())).unwrap();
         let table: Vec<u32> = (0..4).collect();
         let mut cache = PagedKvCache::new(16, 4, &model.kv_entry_widths());
         let mut logits = Vec::new();

@@ -54,7 +54,7 @@ fn assert_close(a: &[f32], b: &[f32], what: &str) {
 fn batched_and_chunked_prefill_match_single_runs() {
     for name in ["dsv3-f32", "dsv2-group-f32"] {
         let dir = fixture(name);
-        let model = load_model(&dir, Arc::new(CpuBackend)).unwrap();
+        let model = load_model(&dir, Arc::new(CpuBackend::default())).unwrap();
         let vocab = model.info().vocab_size;
         let widths = model.kv_entry_widths();
         let (a, mut b) = (prompt_ids(&dir, 0), prompt_ids(&dir, 1));
@@ -162,7 +162,7 @@ fn broken_copy(
 }
 
 fn load_error(dir: &Path) -> String {
-    match load_model(dir, Arc::new(CpuBackend)) {
+    match load_model(dir, Arc::new(CpuBackend::default())) {
         Ok(_) => panic!("{} loaded although it is broken", dir.display()),
         Err(e) => e.to_string(),
     }
@@ -220,8 +220,8 @@ fn mtp_layers_are_ignored() {
         |_| {},
         |t| t.retain(|(n, ..)| !n.starts_with("model.layers.3.")),
     );
-    let with_mtp = load_model(fixture("dsv3-f32"), Arc::new(CpuBackend)).unwrap();
-    let without = load_model(dir.path(), Arc::new(CpuBackend)).unwrap();
+    let with_mtp = load_model(fixture("dsv3-f32"), Arc::new(CpuBackend::default())).unwrap();
+    let without = load_model(dir.path(), Arc::new(CpuBackend::default())).unwrap();
     let ids = prompt_ids(&fixture("dsv3-f32"), 0);
     let table: Vec<u32> = (0..4).collect();
     let seq = SeqInput {

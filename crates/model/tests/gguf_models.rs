@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use gguf_support::{Writer, F32, Q8_0};
 use golden_support::{fixtures_dir as fixtures, log_softmax};
-use r1serve_kernels::{CpuBackend, PagedKvCache, WeightFormat};
+use r1serve_kernels::{CpuBackend, MatmulPrecision, PagedKvCache, WeightFormat};
 use r1serve_model::gguf::GgufFile;
 use r1serve_model::weights::WeightStore;
 use r1serve_model::{load_model, Batch, CausalLm, LogitsWanted, ModelDir, SeqInput};
@@ -60,7 +60,7 @@ fn greedy(model: &dyn CausalLm, prompt: &[u32], n: usize) -> Vec<u32> {
 fn compare(model: &dyn CausalLm, source: &str) -> f32 {
     let dir = fixtures().join(source);
     let golden = golden_support::read(&dir);
-    let reference = load_model(&dir, Arc::new(CpuBackend)).unwrap();
+    let reference = load_model(&dir, Arc::new(CpuBackend::new(MatmulPrecision::F32))).unwrap();
     assert_eq!(model.info().vocab_size, reference.info().vocab_size);
     assert_eq!(model.info().bos_token_id, reference.info().bos_token_id);
     assert_eq!(model.info().eos_token_ids, reference.info().eos_token_ids);
@@ -89,7 +89,8 @@ fn compare(model: &dyn CausalLm, source: &str) -> f32 {
 
 fn check_fixture(file: &str, source: &str, tolerance: f32) {
     let path = fixtures().join("gguf").join(file);
-    let model = load_model(&path, Arc::new(CpuBackend)).unwrap_or_else(|e| panic!("{file}: {e}"));
+    let model =
+        load_model(&path, Arc::new(CpuBackend::new(MatmulPrecision::F32))).unwrap_or_else(|e| panic!("{file}: {e}"));
     let worst = compare(model.as_ref(), source);
     eprintln!("{file} vs {source}: max |Δlogit| = {worst:.3e}");
     assert!(worst <= tolerance, "{file}: max |Δlogit| {worst} > {tolerance}");
@@ -208,7 +209,7 @@ fn fused_qkv_and_gate_up_experts_match_unfused() {
         vec![(format!("{layer}.attn_qkv.weight"), vec![dims[0], rows], F32, all)]
     };
     rewrite(&fixtures().join("gguf/llama-f32.gguf"), &fused, &fuse_qkv);
-    let model = load_model(&fused, Arc::new(CpuBackend)).unwrap();
+    let model = load_model(&fused, Arc::new(CpuBackend::new(MatmulPrecision::F32))).unwrap();
     assert!(compare(model.as_ref(), "llama-f32") <= 1e-5);
 
     // deepseek2: ffn_gate_exps + ffn_up_exps → ffn_gate_up_exps (gate rows, then up rows, per expert).
@@ -237,7 +238,7 @@ fn fused_qkv_and_gate_up_experts_match_unfused() {
         )]
     };
     rewrite(&fixtures().join("gguf/dsv2-f32.gguf"), &fused, &fuse_gate_up);
-    let model = load_model(&fused, Arc::new(CpuBackend)).unwrap();
+    let model = load_model(&fused, Arc::new(CpuBackend::new(MatmulPrecision::F32))).unwrap();
     assert!(compare(model.as_ref(), "dsv2-f32") <= 1e-5);
 }
 
@@ -294,8 +295,8 @@ fn q8_0_weights_load_and_stay_close() {
         }
     }
     // Model level: Q8_0 weights and Q8_0-rounded activations stay near the F32 logits.
-    let model = load_model(&path, Arc::new(CpuBackend)).unwrap();
-    let reference = load_model(&source, Arc::new(CpuBackend)).unwrap();
+    let model = load_model(&path, Arc::new(CpuBackend::new(MatmulPrecision::F32))).unwrap();
+    let reference = load_model(&source, Arc::new(CpuBackend::new(MatmulPrecision::F32))).unwrap();
     let tokens = [0u32, 5, 17, 42, 99, 3];
     let (a, b) = (logits(model.as_ref(), &tokens), logits(reference.as_ref(), &tokens));
     let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);

@@ -19,7 +19,7 @@ pub fn fixture(name: &str) -> PathBuf {
 }
 
 pub fn load(name: &str) -> Arc<dyn CausalLm> {
-    Arc::from(load_model(fixture(name), Arc::new(CpuBackend)).unwrap_or_else(|e| panic!("{name}: {e}")))
+    Arc::from(load_model(fixture(name), Arc::new(CpuBackend::default())).unwrap_or_else(|e| panic!("{name}: {e}")))
 }
 
 #[derive(serde::Deserialize)]

@@ -6,16 +6,14 @@
 //! accumulators in zmm registers; per pair of `k` it loads two 16-row weight vectors and
 //! broadcasts each token's pair against them, so no horizontal sums are needed.
 //!
-//! Two ways to multiply (the packing is the same):
-//! - by default the BF16 weight pairs are widened in registers (a shift and a mask) and
-//!   multiplied with the f32 activations by `vfmadd231ps`: the very products of the f32 path,
-//!   summed in f32 in another order;
-//! - with `R1SERVE_BF16_ACTIVATIONS=bf16`, activations are rounded once to BF16 (relative error
-//!   ≤ 2⁻⁹ each) and multiplied by `vdpbf16ps`, llama.cpp's choice: twice the multiply-adds per
-//!   instruction, results within `2⁻⁹ · Σ|w·x|` (plus f32 summation error) of the exact product.
-//!   Not the default: on the BF16 golden fixtures it moves logprobs by up to 1e-2 (the
-//!   tolerance is 1e-3), and cached decode (fused dots, f32) then differs from a recompute by
-//!   more than 1e-4 (even with activations split into two BF16 parts, 1.2e-4).
+//! Two ways to multiply (the packing is the same), as the caller's
+//! [`MatmulPrecision`](crate::MatmulPrecision) says:
+//! - `Bf16` (the default): activations are rounded once to BF16 (relative error ≤ 2⁻⁹ each) and
+//!   multiplied by `vdpbf16ps`, llama.cpp's choice: twice the multiply-adds per instruction,
+//!   results within `2⁻⁹ · Σ|w·x|` (plus f32 summation error) of the exact product;
+//! - `F32`: the BF16 weight pairs are widened in registers (a shift and a mask) and multiplied
+//!   with the f32 activations by `vfmadd231ps`: the very products of the f32 path, summed in f32
+//!   in another order, at the f32 FMA peak (about half the speed).
 
 use std::cell::RefCell;
 
@@ -27,13 +25,6 @@ use crate::weight::WeightMatrix;
 
 /// Tokens per micro-kernel tile (24 accumulators).
 const TILE_TOKENS: usize = 12;
-
-/// Whether activations are rounded to BF16 for `vdpbf16ps` (`R1SERVE_BF16_ACTIVATIONS=bf16`)
-/// rather than kept f32.
-pub fn single_rounding() -> bool {
-    static SINGLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *SINGLE.get_or_init(|| std::env::var("R1SERVE_BF16_ACTIVATIONS").is_ok_and(|v| v == "bf16"))
-}
 
 thread_local! {
     /// The batch's activations as BF16 pairs or as f32 bits padded to whole pairs, `[token][..]`
@@ -57,20 +48,15 @@ pub fn available(isa: Isa) -> bool {
     }
 }
 
-/// `out[n, rows] = x[n, cols] · wᵀ` for BF16 `w`, activations rounded to BF16 if
-/// [`single_rounding`], f32 otherwise. `isa` must be one of [`Isa::available`]; the BF16 instructions are used
-/// when [`available`] says so, the scalar reference kernel otherwise.
-pub fn gemm_bf16(isa: Isa, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
-    gemm_bf16_with(isa, single_rounding(), super::weight_repacking(), x, w, out)
-}
-
 /// Builds and keeps `w`'s panels now (BF16 weights).
 pub(crate) fn prepare(isa: Isa, w: &WeightMatrix) {
     w.backend_copy(|| StoredPanels::build(isa, w));
 }
 
-/// [`gemm_bf16`] with the activations' precision (`bf16`: rounded to BF16) and whether to keep
-/// the packed panels with `w` (`repack`) chosen by the caller.
+/// `out[n, rows] = x[n, cols] · wᵀ` for BF16 `w`, activations rounded to BF16 if `bf16` (f32
+/// otherwise), keeping the packed panels with `w` if `repack`. `isa` must be one of
+/// [`Isa::available`]; the BF16 instructions are used when [`available`] says so, the scalar
+/// reference kernel otherwise.
 pub fn gemm_bf16_with(isa: Isa, bf16: bool, repack: bool, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
     assert_eq!(w.format(), WeightFormat::Bf16);
     let (rows, k) = (w.rows(), w.cols());

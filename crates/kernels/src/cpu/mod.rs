@@ -16,7 +16,7 @@ pub mod pool;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::backend::{AttentionLayout, Backend, SeqSpan};
+use crate::backend::{AttentionLayout, Backend, MatmulPrecision, SeqSpan};
 use crate::kv_cache::PagedKvCache;
 use crate::rope::RopeTable;
 use crate::weight::WeightMatrix;
@@ -72,7 +72,19 @@ impl SharedMut {
 
 /// The CPU backend. Threads come from the compute pool (size it with [`pool::set_threads`]).
 #[derive(Clone, Copy, Debug, Default)]
-pub struct CpuBackend;
+pub struct CpuBackend {
+    precision: MatmulPrecision,
+}
+
+impl CpuBackend {
+    pub fn new(precision: MatmulPrecision) -> Self {
+        Self { precision }
+    }
+
+    pub fn precision(&self) -> MatmulPrecision {
+        self.precision
+    }
+}
 
 impl Backend for CpuBackend {
     fn name(&self) -> &'static str {
@@ -80,7 +92,11 @@ impl Backend for CpuBackend {
     }
 
     fn matmul(&self, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
-        matmul(x, w, out);
+        matmul(x, w, out, self.precision);
+    }
+
+    fn matmul_f32(&self, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
+        matmul(x, w, out, MatmulPrecision::F32);
     }
 
     fn prepare_weight(&self, w: &WeightMatrix) {

@@ -139,9 +139,9 @@ impl Moe {
         let n = x.len() / hidden.max(1);
         let (n_experts, k) = (self.routing.n_experts, self.routing.top_k);
 
-        // Route every token.
+        // Route every token (in f32: a BF16-rounded input can flip a close expert choice).
         let logits = ensure(&mut s.logits, n * n_experts); // [n, n_routed]
-        be.matmul(x, &self.router, logits);
+        be.matmul_f32(x, &self.router, logits);
         s.chosen.clear();
         s.chosen.resize(n * k, 0);
         let weights = ensure(&mut s.weights, n * k);

@@ -112,7 +112,7 @@ pub fn load(dir: &Path, engine: EngineConfig) -> ModelContext {
     let model = r1serve_model::load_model_with(
         &model_dir,
         &r1serve_model::LoadOptions::default(),
-        Arc::new(r1serve_kernels::CpuBackend),
+        Arc::new(r1serve_kernels::CpuBackend::default()),
     )
     .unwrap();
     let tokenizer = Tokenizer::from_model_dir(dir).unwrap().unwrap();
