@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """How far transformers' own bfloat16 inference lands from the f32 golden log-probs.
 
-Usage:  python3 tools/bf16_reference.py
+Usage:  python3 tools/bf16_reference.py    (tools/make_fixtures.py also runs it)
 
 For every golden fixture that holds BF16 weights (qwen2-bf16, dsv3-bf16, and dsv3-fp8, whose
 unquantised tensors are BF16), runs transformers with dtype=torch.bfloat16 on the same weights
@@ -59,8 +59,10 @@ def load_bf16(d, config, tmp):
     return model
 
 
-def main():
+def main(names=None):
     for name in FIXTURES:
+        if names is not None and name not in names:
+            continue
         d = mf.OUT_DIR / name
         config = json.loads((d / "config.json").read_text())
         golden = json.loads((d / "golden.json").read_text())

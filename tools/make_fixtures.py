@@ -1211,7 +1211,10 @@ def main():
         make_fixture(spec)
     print(f"generated in {time.time() - t0:.1f}s; cross-checking with tools/check_fixtures.py", flush=True)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bf16_reference
     import check_fixtures
+
+    bf16_reference.main([s["name"] for s in specs])
 
     return check_fixtures.main([s["name"] for s in specs])
 
