@@ -16,6 +16,12 @@
 //! rows, against each token's matching 4 bytes broadcast. Per block the exact i32 sums become
 //! `acc += f32(sum) · (d·sc) · d_x − (dmin·m) · d_x·Σq_x`: the very products of `gemm_int8`
 //! (`s = d·sc`, `o = −dmin·m`), so both give the same accuracy bound (see there).
+//!
+//! One token (decode) takes its own kernel over the same panels ([`gemv_q4k`]): with nothing to
+//! amortise a per-block float step over, it keeps the row dots' arithmetic — activations rounded
+//! per 256 values (`Q8_K`), the sub-block scales and mins applied in i32, one float step per
+//! super-block — on 16 rows at once, so each 64-byte load feeds two `vpdpbusd` and no horizontal
+//! sums are needed.
 
 use std::cell::RefCell;
 
@@ -25,6 +31,7 @@ use super::pack::{for_each_panel, tiles, AlignedBuf, PANEL_ROWS};
 use super::pool::{self, DisjointChunks};
 use super::SharedMut;
 use crate::dtype::WeightFormat;
+use crate::quant::PreparedActivations;
 use crate::quant::{f16_at, q4_k, QK, QK_K};
 use crate::weight::WeightMatrix;
 
@@ -33,6 +40,8 @@ const TILE_TOKENS: usize = 6;
 
 thread_local! {
     static TOKENS: RefCell<QuantTokens> = RefCell::new(QuantTokens::default());
+    /// One token as `Q8_K`, and `Σq` of each 32 of its values (for the mins).
+    static TOKEN: RefCell<(PreparedActivations, Vec<i32>)> = RefCell::new(Default::default());
 }
 
 /// Whether this kernel runs on `isa` with its integer instructions (AVX512-VNNI).
@@ -157,6 +166,9 @@ pub fn gemm_q4k(isa: Isa, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
     let (rows, k) = (w.rows(), w.cols());
     let n = x.len() / k.max(1);
     assert_eq!(out.len(), n * rows, "gemm output must be [n, rows]");
+    if n == 1 {
+        return gemv_q4k(isa, x, w, out);
+    }
     let fast = available(isa);
     let panels = w.backend_copy(|| Q4kPanels::build(w));
     TOKENS.with_borrow_mut(|tokens| {
@@ -179,6 +191,82 @@ pub fn gemm_q4k(isa: Isa, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
             }
         });
     });
+}
+
+/// `out[rows] = w · x` for one token over the kept panels (see the module doc): the activations
+/// rounded per 256 values as the row dots round them, so both give the same sums up to f32
+/// summation order. Called by [`gemm_q4k`] for one token.
+fn gemv_q4k(isa: Isa, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
+    let (rows, k) = (w.rows(), w.cols());
+    let fast = available(isa);
+    let panels = w.backend_copy(|| Q4kPanels::build(w));
+    let blocks = panels.blocks;
+    TOKEN.with_borrow_mut(|(token, block_sums)| {
+        token.prepare(WeightFormat::Q4K, x);
+        assert!(
+            token.fits(WeightFormat::Q4K, k) && token.bsums.len() == 2 * blocks && blocks * QK == k,
+            "Q4_K rows hold whole super-blocks"
+        );
+        block_sums.clear();
+        block_sums.extend(token.bsums.chunks_exact(2).map(|p| p[0] as i32 + p[1] as i32));
+        let (token, block_sums) = (&*token, &block_sums[..]);
+        let dst = SharedMut::new(out);
+        for_each_panel(rows.div_ceil(PANEL_ROWS), |p| {
+            let panel = panels.panel(p);
+            for g in 0..2 {
+                let first = p * PANEL_ROWS + 16 * g;
+                if first >= rows {
+                    break;
+                }
+                let count = 16.min(rows - first);
+                #[cfg(target_arch = "x86_64")]
+                if fast {
+                    // SAFETY: `fast` means AVX512-VNNI was detected; the panel holds both groups'
+                    // `blocks` blocks (asserted in `gemv_group`), and rows `first..first + count`
+                    // of the output belong to this panel's task alone.
+                    unsafe { x86::gemv_group(panel, g, blocks, token, block_sums, dst.ptr().add(first), count) };
+                    continue;
+                }
+                let _ = fast;
+                for i in 0..count {
+                    let value = gemv_row_scalar(panel, g, i, blocks, token, block_sums);
+                    // SAFETY: row `first + i < rows` belongs to this panel's task alone.
+                    unsafe { dst.write(first + i, value) };
+                }
+            }
+        });
+    });
+}
+
+/// The scalar reference of the one-token kernel: row `i` of group `g`.
+fn gemv_row_scalar(
+    panel: PanelRef<'_>,
+    g: usize,
+    i: usize,
+    blocks: usize,
+    token: &PreparedActivations,
+    block_sums: &[i32],
+) -> f32 {
+    let supers = blocks / 8;
+    let mut acc = 0.0f32;
+    for s in 0..supers {
+        let (mut sum, mut mins) = (0i32, 0i32);
+        for (b, &block_sum) in block_sums.iter().enumerate().skip(8 * s).take(8) {
+            let mut block = 0i32;
+            for c in 0..QK {
+                let (v, e, high) = ((c % 16) / 4, c % 4, c >= 16);
+                let byte = panel.q[((g * blocks + b) * 4 + v) * 16 + i].to_le_bytes()[e];
+                let u = if high { byte >> 4 } else { byte & 0x0f };
+                block += u as i32 * token.qs[b * QK + c] as i32;
+            }
+            let at = (g * blocks + b) * 16 + i;
+            sum += block * panel.sc[at] as i32;
+            mins += panel.m[at] as i32 * block_sum;
+        }
+        let at = (g * supers + s) * 16 + i;
+        acc += sum as f32 * (panel.d[at] * token.d[s]) + mins as f32 * (panel.dmin[at] * token.d[s]);
+    }
+    acc
 }
 
 /// A tile of tokens against one panel, written to `out[out_at + t·out_stride + r]` for
@@ -261,8 +349,87 @@ impl Tile<'_> {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::Tile;
+    use super::{PanelRef, Tile};
     use crate::cpu::pack::add_block;
+    use crate::quant::{PreparedActivations, QK};
+
+    /// Rows `16·g..16·g + count` of `panel` times one `Q8_K` token, stored at `out`: see
+    /// `gemv_q4k`. Per 32-value block, four 64-byte loads give eight `vpdpbusd` (low and high
+    /// nibbles into two chains); the block's i32 sum is scaled by its sub-block scales with
+    /// `vpmulld` (|sum| ≤ 32·15·128, times a scale < 64, eight blocks: below 2³¹) and the mins'
+    /// term likewise, and each super-block converts to f32 once.
+    ///
+    /// # Safety
+    /// AVX512-F/BW/VL/VNNI must be available and `out..out + count` writable by this caller alone.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn gemv_group(
+        panel: PanelRef<'_>,
+        g: usize,
+        blocks: usize,
+        token: &PreparedActivations,
+        block_sums: &[i32],
+        out: *mut f32,
+        count: usize,
+    ) {
+        let supers = blocks / 8;
+        assert!(
+            g < 2
+                && count <= 16
+                && panel.q.len() >= 2 * blocks * 4 * 16
+                && panel.sc.len() >= 2 * blocks * 16
+                && panel.m.len() >= 2 * blocks * 16
+                && panel.d.len() >= 2 * supers * 16
+                && panel.dmin.len() >= 2 * supers * 16
+                && token.qs.len() >= blocks * QK
+                && token.d.len() >= supers
+                && block_sums.len() >= blocks
+        );
+        // SAFETY: every offset below stays inside the lengths asserted above.
+        unsafe {
+            let q = (panel.q.as_ptr() as *const u8).add(g * blocks * 256);
+            let (sc, m) = (
+                panel.sc.as_ptr().add(g * blocks * 16),
+                panel.m.as_ptr().add(g * blocks * 16),
+            );
+            let (d, dmin) = (
+                panel.d.as_ptr().add(g * supers * 16),
+                panel.dmin.as_ptr().add(g * supers * 16),
+            );
+            let qx = token.qs.as_ptr();
+            let low = _mm512_set1_epi8(0x0f);
+            let mut acc = _mm512_setzero_ps();
+            for s in 0..supers {
+                let (mut sum, mut mins) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+                for (b, &block_sum) in block_sums.iter().enumerate().skip(8 * s).take(8) {
+                    let (mut lo, mut hi) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+                    for v in 0..4 {
+                        let w = _mm512_loadu_si512(q.add((4 * b + v) * 64) as *const _);
+                        let at = qx.add(QK * b + 4 * v);
+                        let xl = _mm512_set1_epi32((at as *const i32).read_unaligned());
+                        let xh = _mm512_set1_epi32((at.add(16) as *const i32).read_unaligned());
+                        lo = _mm512_dpbusd_epi32(lo, _mm512_and_si512(w, low), xl);
+                        hi = _mm512_dpbusd_epi32(hi, _mm512_and_si512(_mm512_srli_epi16::<4>(w), low), xh);
+                    }
+                    let scales = _mm512_cvtepu8_epi32(_mm_loadu_si128(sc.add(16 * b) as *const _));
+                    sum = _mm512_add_epi32(sum, _mm512_mullo_epi32(_mm512_add_epi32(lo, hi), scales));
+                    let block_mins = _mm512_cvtepu8_epi32(_mm_loadu_si128(m.add(16 * b) as *const _));
+                    mins = _mm512_add_epi32(mins, _mm512_mullo_epi32(block_mins, _mm512_set1_epi32(block_sum)));
+                }
+                let dx = _mm512_set1_ps(token.d[s]);
+                acc = _mm512_fmadd_ps(
+                    _mm512_cvtepi32_ps(sum),
+                    _mm512_mul_ps(_mm512_loadu_ps(d.add(16 * s)), dx),
+                    acc,
+                );
+                acc = _mm512_fmadd_ps(
+                    _mm512_cvtepi32_ps(mins),
+                    _mm512_mul_ps(_mm512_loadu_ps(dmin.add(16 * s)), dx),
+                    acc,
+                );
+            }
+            _mm512_mask_storeu_ps(out, ((1u32 << count) - 1) as u16, acc);
+        }
+    }
 
     /// `T` tokens × 32 rows.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -348,13 +515,21 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     /// Every ISA (VNNI where available, the scalar reference otherwise), partial panels, one to
-    /// 13 tokens, against f64 sums over the dequantised weights: within `1e-5 · Σ|w·x̂|` of the
+    /// 13 tokens (one token: activations rounded per 256 values rather than 32), against f64 sums over the dequantised weights: within `1e-5 · Σ|w·x̂|` of the
     /// exact product with the rounded activations `x̂`, and within `Σ_blocks d_x/2 · Σ|w|` (plus
     /// `1e-5 · Σ|w·x|`) of the product with the f32 activations.
     #[test]
     fn every_isa_matches_f64_reference() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(17);
-        for &(rows, supers, n) in &[(5usize, 1usize, 1usize), (37, 2, 13), (32, 1, 6), (70, 3, 7)] {
+        // One token (the decode kernel) with partial groups and panels too.
+        for &(rows, supers, n) in &[
+            (5usize, 1usize, 1usize),
+            (37, 2, 13),
+            (32, 1, 6),
+            (70, 3, 7),
+            (70, 3, 1),
+            (48, 2, 1),
+        ] {
             let k = supers * QK_K;
             let values: Vec<f32> = (0..rows * k).map(|_| rng.random_range(-1.0f32..1.0).powi(3)).collect();
             let bytes = crate::quant::quantize(WeightFormat::Q4K, &values).unwrap();
@@ -371,7 +546,8 @@ mod tests {
                 let mut out = vec![f32::NAN; n * rows];
                 gemm_q4k(isa, &x, &w, &mut out);
                 assert!(w.built_backend_copy::<Q4kPanels>().is_some());
-                reference::check(&out, &decoded, &x, rows, k, isa.name());
+                let rounding = if n == 1 { WeightFormat::Q4K } else { WeightFormat::Q8_0 };
+                reference::check_rounded_for(rounding, &out, &decoded, &x, rows, k, isa.name());
             }
         }
     }

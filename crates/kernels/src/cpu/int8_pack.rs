@@ -236,7 +236,7 @@ pub(crate) mod reference {
     use rand::Rng;
 
     use crate::dtype::WeightFormat;
-    use crate::quant::{PreparedActivations, QK};
+    use crate::quant::PreparedActivations;
 
     /// `n × k` activations: zero blocks and outliers next to ordinary values.
     pub(crate) fn activations(rng: &mut impl Rng, n: usize, k: usize) -> Vec<f32> {
@@ -251,12 +251,27 @@ pub(crate) mod reference {
 
     /// Checks `out` (`[n, rows]`) against f64 sums over the dequantised weights `decoded`
     /// (`[rows, k]`): within `1e-5 · Σ|w·x̂|` of the exact product with the activations rounded
-    /// to i8 `x̂`, and within `Σ_blocks d_x/2 · Σ|w| + 1e-5 · Σ|w·x|` of the product with `x`.
+    /// to i8 per 32 values `x̂`, and within `Σ_blocks d_x/2 · Σ|w| + 1e-5 · Σ|w·x|` of the
+    /// product with `x`.
     pub(crate) fn check(out: &[f32], decoded: &[f64], x: &[f32], rows: usize, k: usize, what: &str) {
+        check_rounded_for(WeightFormat::Q8_0, out, decoded, x, rows, k, what);
+    }
+
+    /// [`check`] with the activations rounded as for `format` weights (`Q4_K`: per 256 values).
+    pub(crate) fn check_rounded_for(
+        format: WeightFormat,
+        out: &[f32],
+        decoded: &[f64],
+        x: &[f32],
+        rows: usize,
+        k: usize,
+        what: &str,
+    ) {
         let n = x.len() / k;
         for t in 0..n {
             let xt = &x[t * k..(t + 1) * k];
-            let rounded = PreparedActivations::new(WeightFormat::Q8_0, xt);
+            let rounded = PreparedActivations::new(format, xt);
+            let block = k / rounded.d.len();
             let xq = rounded.dequantized();
             for r in 0..rows {
                 let wr = &decoded[r * k..(r + 1) * k];
@@ -265,8 +280,10 @@ pub(crate) mod reference {
                 };
                 let (exact, magnitude) = dot(&|c| xt[c] as f64);
                 let (exact_q, magnitude_q) = dot(&|c| xq[c] as f64);
-                let bound: f64 = (0..k / QK)
-                    .map(|b| rounded.d[b] as f64 / 2.0 * wr[b * QK..(b + 1) * QK].iter().map(|v| v.abs()).sum::<f64>())
+                let bound: f64 = (0..k / block)
+                    .map(|b| {
+                        rounded.d[b] as f64 / 2.0 * wr[b * block..(b + 1) * block].iter().map(|v| v.abs()).sum::<f64>()
+                    })
                     .sum();
                 let got = out[t * rows + r] as f64;
                 let name = format!("{what} rows {rows} k {k} n {n} [{t}][{r}]");

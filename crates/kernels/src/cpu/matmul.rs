@@ -76,8 +76,10 @@ fn gemm_for(w: &WeightMatrix, isa: Isa, repack: bool) -> Gemm {
 ///   row dots, alternated, with the panels' scales kept as the stored f16 so they read no more
 ///   bytes than the rows; 2: 31.6 vs 24.7 multi, 4: 55.6 vs 33.6, 8: 89.5 vs 44);
 ///   Q4_K_M (`Q4_K` through `gemm_q4k`'s nibble panels, `Q6_K` through the integer GEMM) from 2
-///   tokens (2: 37.1–38.6 vs 33.3–35.7 with `Q4_K` through the multi dots; 8: 86–87), but not 1
-///   (23.5–25.4 vs 25.0–26.1 through the row dots, alternated runs);
+///   tokens (2: 37.1–38.6 vs 33.3–35.7 with `Q4_K` through the multi dots; 8: 86–87); `Q4_K`
+///   from 1 token too, through the panels' one-token kernel (8960×1536 from DRAM on 2 threads:
+///   25.0–32.4 GB/s vs 22.5–25.5 for the row dots; from L3 65–67 vs 23–29; Q4_K_M tg
+///   26.1–27.5 vs 25.4–26.3, alternated);
 /// - panels packed per call: the packing is what small batches pay for — one thread, 8960×1536:
 ///   at 4 tokens 45 vs 62 GFLOP/s for the dots, at 8 tokens 75–83 vs 57–64; the multi dots
 ///   `Q8_0` 82–92 GFLOP/s at 4–5 tokens vs 60–101, 58–87 vs 74–134 at 8; `Q4_K` 96–109 vs
@@ -93,8 +95,7 @@ fn choose_path(w: &WeightMatrix, isa: Isa, n: usize, repack: bool) -> Path {
         return Path::Multi;
     }
     let gemm_min = match gemm_for(w, isa, repack) {
-        Gemm::Fp8 => 1,
-        Gemm::Q4k => 2,
+        Gemm::Fp8 | Gemm::Q4k => 1,
         Gemm::Int8 if repack && format == WeightFormat::Q8_0 => 1,
         Gemm::Int8 if repack => 2,
         Gemm::Int8 => 6,
