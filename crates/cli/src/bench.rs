@@ -36,10 +36,10 @@ pub struct BenchArgs {
     /// Convert the weights to this format at load (f32, bf16, f16, q8_0, q4_0, q4_k, q6_k).
     #[arg(long, value_parser = crate::parse_quant)]
     quant: Option<r1serve_kernels::WeightFormat>,
-    /// Prompt tokens processed in one batch (pp).
+    /// Prompt tokens processed in one batch (pp); 0 skips the test, as in llama-bench.
     #[arg(short = 'p', long = "n-prompt", default_value_t = 64)]
     n_prompt: usize,
-    /// Tokens decoded one at a time (tg).
+    /// Tokens decoded one at a time (tg); 0 skips the test.
     #[arg(short = 'n', long = "n-gen", default_value_t = 32)]
     n_gen: usize,
     #[arg(long, default_value_t = 5)]
@@ -61,16 +61,17 @@ struct Report {
     n_prompt: usize,
     n_gen: usize,
     repetitions: usize,
-    pp_tps: f64,
-    pp_tps_min: f64,
-    pp_tps_max: f64,
-    tg_tps: f64,
-    tg_tps_min: f64,
-    tg_tps_max: f64,
+    /// `null` for a test skipped with `-p 0` / `-n 0`.
+    pp_tps: Option<f64>,
+    pp_tps_min: Option<f64>,
+    pp_tps_max: Option<f64>,
+    tg_tps: Option<f64>,
+    tg_tps_min: Option<f64>,
+    tg_tps_max: Option<f64>,
     bytes_per_token: u64,
     read_bandwidth_gbs: f64,
     roofline_tps: f64,
-    roofline_fraction: f64,
+    roofline_fraction: Option<f64>,
     /// With `--batch B`: sequences decoded together, their aggregate tokens/s, and the ratio to
     /// one sequence's tokens/s.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -81,14 +82,18 @@ struct Report {
     batch_speedup: Option<f64>,
 }
 
-fn median(mut xs: Vec<f64>) -> (f64, f64, f64) {
+/// `(median, min, max)`, or `None` for a test not run.
+fn median(mut xs: Vec<f64>) -> Option<(f64, f64, f64)> {
+    if xs.is_empty() {
+        return None;
+    }
     xs.sort_by(f64::total_cmp);
     let mid = if xs.len() % 2 == 1 {
         xs[xs.len() / 2]
     } else {
         (xs[xs.len() / 2 - 1] + xs[xs.len() / 2]) / 2.0
     };
-    (mid, xs[0], xs[xs.len() - 1])
+    Some((mid, xs[0], xs[xs.len() - 1]))
 }
 
 /// Deterministic token ids spread over the vocabulary (content does not change the cost).
@@ -151,8 +156,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         (None, None) => bail!("give --model DIR or --config config.json --load-format dummy"),
     };
-    if args.n_prompt == 0 || args.n_gen == 0 || args.repetitions == 0 || args.batch == 0 {
-        bail!("-p, -n, --repetitions and --batch must be at least 1");
+    if args.repetitions == 0 || args.batch == 0 {
+        bail!("--repetitions and --batch must be at least 1");
+    }
+    if args.n_prompt == 0 && args.n_gen == 0 {
+        bail!("nothing to measure: -p and -n are both 0");
+    }
+    if args.batch > 1 && args.n_gen == 0 {
+        bail!(
+            "--batch {} decodes sequences together: it needs -n of at least 1",
+            args.batch
+        );
     }
     let format = match args.load_format {
         LoadFormatArg::Auto => LoadFormat::Auto,
@@ -175,21 +189,23 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     // One untimed pass of each warms the pages of a memory-mapped or freshly generated model
     // (and builds the kernels' packed weights, MoE experts included, as `serve` does at load).
     model.prepare_weights();
-    time_prefill(model.as_ref(), args.n_prompt.min(8))?;
+    time_prefill(model.as_ref(), args.n_prompt.clamp(1, 8))?;
     time_decode(model.as_ref(), 2, 1)?;
     let mut pp = Vec::new();
     let mut tg = Vec::new();
     let mut tg_batch = Vec::new();
     for _ in 0..args.repetitions {
-        pp.push(time_prefill(model.as_ref(), args.n_prompt)?);
-        tg.push(time_decode(model.as_ref(), args.n_gen, 1)?);
+        if args.n_prompt > 0 {
+            pp.push(time_prefill(model.as_ref(), args.n_prompt)?);
+        }
+        if args.n_gen > 0 {
+            tg.push(time_decode(model.as_ref(), args.n_gen, 1)?);
+        }
         if args.batch > 1 {
             tg_batch.push(time_decode(model.as_ref(), args.n_gen, args.batch)?);
         }
     }
-    let (pp_tps, pp_tps_min, pp_tps_max) = median(pp);
-    let (tg_tps, tg_tps_min, tg_tps_max) = median(tg);
-    let batched = (args.batch > 1).then(|| median(tg_batch));
+    let (pp, tg, batched) = (median(pp), median(tg), median(tg_batch));
     let bytes_per_token = model.weight_bytes_per_token();
     let roofline_tps = read_bandwidth_gbs * 1e9 / bytes_per_token as f64;
     let report = Report {
@@ -200,45 +216,45 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         n_prompt: args.n_prompt,
         n_gen: args.n_gen,
         repetitions: args.repetitions,
-        pp_tps,
-        pp_tps_min,
-        pp_tps_max,
-        tg_tps,
-        tg_tps_min,
-        tg_tps_max,
+        pp_tps: pp.map(|(m, _, _)| m),
+        pp_tps_min: pp.map(|(_, lo, _)| lo),
+        pp_tps_max: pp.map(|(_, _, hi)| hi),
+        tg_tps: tg.map(|(m, _, _)| m),
+        tg_tps_min: tg.map(|(_, lo, _)| lo),
+        tg_tps_max: tg.map(|(_, _, hi)| hi),
         bytes_per_token,
         read_bandwidth_gbs,
         roofline_tps,
-        roofline_fraction: tg_tps / roofline_tps,
+        roofline_fraction: tg.map(|(m, _, _)| m / roofline_tps),
         batch: batched.map(|_| args.batch),
         tg_batch_tps: batched.map(|(m, _, _)| m),
-        batch_speedup: batched.map(|(m, _, _)| m / tg_tps),
+        batch_speedup: batched.zip(tg).map(|((b, _, _), (one, _, _))| b / one),
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!("| model | format | threads | test | tokens/s (median) | min | max |\n|---|---|---|---|---|---|---|");
-        let mut rows = vec![
-            (format!("pp{}", args.n_prompt), (pp_tps, pp_tps_min, pp_tps_max)),
-            (format!("tg{}", args.n_gen), (tg_tps, tg_tps_min, tg_tps_max)),
+        let rows = [
+            (format!("pp{}", args.n_prompt), pp),
+            (format!("tg{}", args.n_gen), tg),
+            (format!("tg{} x{} (aggregate)", args.n_gen, args.batch), batched),
         ];
-        if let Some(b) = batched {
-            rows.push((format!("tg{} x{} (aggregate)", args.n_gen, args.batch), b));
-        }
-        for (test, (m, lo, hi)) in rows {
+        for (test, (m, lo, hi)) in rows.into_iter().filter_map(|(test, r)| Some((test, r?))) {
             println!(
                 "| {} | {} | {} | {test} | {m:.2} | {lo:.2} | {hi:.2} |",
                 report.model, report.weight_format, report.threads
             );
         }
-        println!(
-            "\nweights read per decoded token: {:.1} MiB; read bandwidth: {:.1} GB/s; roofline: {:.2} tokens/s; \
-             tg at {:.0}% of the roofline",
+        print!(
+            "\nweights read per decoded token: {:.1} MiB; read bandwidth: {:.1} GB/s; roofline: {:.2} tokens/s",
             bytes_per_token as f64 / (1 << 20) as f64,
             read_bandwidth_gbs,
             roofline_tps,
-            100.0 * report.roofline_fraction
         );
+        match report.roofline_fraction {
+            Some(fraction) => println!("; tg at {:.0}% of the roofline", 100.0 * fraction),
+            None => println!(),
+        }
     }
     Ok(())
 }

@@ -53,3 +53,49 @@ fn bench_without_weights_is_refused_by_name() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("--load-format dummy"));
 }
+
+/// `-p 0` / `-n 0` skip that test, as llama-bench's do: its keys are `null`, the other test runs;
+/// both 0 (nothing to measure) and `--batch` without decode are refused by name.
+#[test]
+fn zero_tokens_skip_a_test() {
+    let run = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_r1serve"))
+            .args([
+                "-t",
+                "1",
+                "bench",
+                "--config",
+                &fixture("llama-f32"),
+                "--load-format",
+                "dummy",
+            ])
+            .args(["--repetitions", "1", "--json"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let report = |extra: &[&str]| -> Value {
+        let output = run(extra);
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        serde_json::from_slice(&output.stdout).unwrap()
+    };
+    let decode_only = report(&["-p", "0", "-n", "3"]);
+    assert!(decode_only["pp_tps"].is_null(), "{decode_only}");
+    assert!(decode_only["tg_tps"].as_f64().is_some_and(|v| v > 0.0), "{decode_only}");
+    assert!(decode_only["roofline_fraction"].as_f64().is_some(), "{decode_only}");
+    let prefill_only = report(&["-p", "4", "-n", "0"]);
+    assert!(
+        prefill_only["pp_tps"].as_f64().is_some_and(|v| v > 0.0),
+        "{prefill_only}"
+    );
+    assert!(prefill_only["tg_tps"].is_null() && prefill_only["roofline_fraction"].is_null());
+    for (extra, needle) in [
+        (&["-p", "0", "-n", "0"][..], "nothing to measure"),
+        (&["-p", "4", "-n", "0", "--batch", "2"][..], "--batch 2"),
+    ] {
+        let output = run(extra);
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(needle), "{stderr}");
+    }
+}
