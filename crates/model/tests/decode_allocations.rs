@@ -41,7 +41,30 @@ fn decode_steps_allocate_no_buffers() {
     check_all_architectures();
 }
 
+/// Starts the compute pool and waits until every helper thread has run a task: a helper's own
+/// start-up (thread-locals, its name) allocates, and under load it could otherwise land inside a
+/// measured step. (A helper that starts while a job is open joins the next one, hence the retries.)
+fn start_pool_helpers() {
+    use std::time::{Duration, Instant};
+    let threads = r1serve_kernels::cpu::pool::threads();
+    for _ in 0..100 {
+        let seen = std::sync::Mutex::new(std::collections::HashSet::new());
+        r1serve_kernels::cpu::pool::for_each(threads, |_| {
+            seen.lock().unwrap().insert(std::thread::current().id());
+            let deadline = Instant::now() + Duration::from_millis(100);
+            while seen.lock().unwrap().len() < threads && Instant::now() < deadline {
+                std::hint::spin_loop();
+            }
+        });
+        if seen.lock().unwrap().len() == threads {
+            return;
+        }
+    }
+    panic!("the compute pool's helpers never joined a job");
+}
+
 fn check_all_architectures() {
+    start_pool_helpers();
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
     for name in ["llama-f32", "qwen2-bf16", "dsv3-f32", "dsv3-fp8", "dsv2-f32"] {
         let model = load_model(fixtures.join(name), Arc::new(CpuBackend::default())).unwrap();
