@@ -164,8 +164,15 @@ pub(crate) fn load_context(
         );
     };
     let options = crate::load_options(r1serve_model::LoadFormat::Auto, quant);
-    let model = r1serve_model::load_model_with(&model_dir, &options, crate::cpu_backend())
+    let backend = crate::cpu_backend();
+    let model = r1serve_model::load_model_with(&model_dir, &options, backend.clone())
         .with_context(|| format!("cannot load the model in {}", path.display()))?;
+    info!(
+        weights = model.weight_format(),
+        bf16_weight_activations = backend.precision().name(),
+        threads = r1serve_kernels::cpu::pool::threads(),
+        "model loaded"
+    );
     if r1serve_kernels::cpu::weight_repacking() {
         let started = std::time::Instant::now();
         match r1serve_engine::warm_up(model.as_ref()) {

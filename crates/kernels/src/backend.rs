@@ -20,6 +20,16 @@ pub enum MatmulPrecision {
     F32,
 }
 
+impl MatmulPrecision {
+    /// What the activations of BF16 products are rounded to: `bf16` or `f32`.
+    pub fn name(self) -> &'static str {
+        match self {
+            MatmulPrecision::Bf16 => "bf16",
+            MatmulPrecision::F32 => "f32",
+        }
+    }
+}
+
 /// One sequence's tokens inside a flat batch: they are contiguous in the batch and sit at
 /// positions `start_pos..start_pos + len` of the sequence, whose KV slots live in `block_table`.
 #[derive(Clone, Copy, Debug)]
