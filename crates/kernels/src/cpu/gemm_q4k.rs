@@ -515,9 +515,10 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     /// Every ISA (VNNI where available, the scalar reference otherwise), partial panels, one to
-    /// 13 tokens (one token: activations rounded per 256 values rather than 32), against f64 sums over the dequantised weights: within `1e-5 · Σ|w·x̂|` of the
-    /// exact product with the rounded activations `x̂`, and within `Σ_blocks d_x/2 · Σ|w|` (plus
-    /// `1e-5 · Σ|w·x|`) of the product with the f32 activations.
+    /// 13 tokens (one token: activations rounded per 256 values rather than 32), against f64 sums
+    /// over the dequantised weights: within `1e-5 · Σ|w·x̂|` of the exact product with the rounded
+    /// activations `x̂`, and within `Σ_blocks d_x/2 · Σ|w|` (plus `1e-5 · Σ|w·x|`) of the product
+    /// with the f32 activations.
     #[test]
     fn every_isa_matches_f64_reference() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(17);
