@@ -265,7 +265,8 @@ fn gemm(c: &mut Criterion) {
 
 /// One decode token (`n = 1`) on all of the compute pool's threads, weights cycled from DRAM
 /// (`R1SERVE_BENCH_MIB`) as in a real model, in GB/s of stored weight bytes: `matmul` (the path a
-/// decode step takes, panels kept) and, where they run, the kept-panel GEMMs forced at one token.
+/// decode step takes, panels kept) and, for `Q6_K`, its kept-panel integer GEMM forced at one
+/// token.
 /// Compare with `memory/*` (one thread) and `r1serve bench`'s probe (all threads).
 fn decode(c: &mut Criterion) {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
@@ -300,8 +301,9 @@ fn decode(c: &mut Criterion) {
                 next += 1;
             })
         });
-        // A matrix keeps one GEMM's panels: Q4_K's are the nibble panels `matmul` reads.
-        if format != WeightFormat::Q4K && cpu::gemm_int8::supports(&one) && cpu::gemm_int8::available(isa) {
+        // `Q6_K` alone takes the row dots at one token (BF16, Q8_0 and Q4_K read their kept
+        // panels in `matmul` already): its integer GEMM forced at one token, for comparison.
+        if format == WeightFormat::Q6K && cpu::gemm_int8::available(isa) {
             for w in &matrices {
                 cpu::gemm_int8::gemm_int8(isa, &x, w, &mut out);
             }

@@ -43,7 +43,7 @@ fn decode_steps_allocate_no_buffers() {
 
 /// Starts the compute pool and waits until every helper thread has run a task: a helper's own
 /// start-up (thread-locals, its name) allocates, and under load it could otherwise land inside a
-/// measured step. (A helper that starts while a job is open joins the next one, hence the retries.)
+/// measured step. (A helper still starting when a job ends joins a later one, hence the retries.)
 fn start_pool_helpers() {
     use std::time::{Duration, Instant};
     let threads = r1serve_kernels::cpu::pool::threads();

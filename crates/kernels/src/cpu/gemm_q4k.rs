@@ -152,6 +152,20 @@ struct PanelRef<'a> {
     dmin: &'a [f32],
 }
 
+impl PanelRef<'_> {
+    /// The 4-bit value `c` of block `b` of row `i` in group `g` (of a matrix with `blocks` blocks
+    /// per row), read back out of the layout in the module doc: the scalar kernels' decoder.
+    fn nibble(&self, g: usize, blocks: usize, b: usize, i: usize, c: usize) -> u8 {
+        let (v, e) = ((c % 16) / 4, c % 4);
+        let byte = self.q[((g * blocks + b) * 4 + v) * 16 + i].to_le_bytes()[e];
+        if c >= 16 {
+            byte >> 4
+        } else {
+            byte & 0x0f
+        }
+    }
+}
+
 /// Builds and keeps `w`'s panels now (`Q4_K` weights).
 pub(crate) fn prepare(w: &WeightMatrix) {
     w.backend_copy(|| Q4kPanels::build(w));
@@ -166,11 +180,11 @@ pub fn gemm_q4k(isa: Isa, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
     let (rows, k) = (w.rows(), w.cols());
     let n = x.len() / k.max(1);
     assert_eq!(out.len(), n * rows, "gemm output must be [n, rows]");
-    if n == 1 {
-        return gemv_q4k(isa, x, w, out);
-    }
     let fast = available(isa);
     let panels = w.backend_copy(|| Q4kPanels::build(w));
+    if n == 1 {
+        return gemv_q4k(fast, panels, x, rows, out);
+    }
     TOKENS.with_borrow_mut(|tokens| {
         tokens.prepare(isa, x, k, QK, 0);
         let tokens = &*tokens;
@@ -193,14 +207,11 @@ pub fn gemm_q4k(isa: Isa, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
     });
 }
 
-/// `out[rows] = w · x` for one token over the kept panels (see the module doc): the activations
-/// rounded per 256 values as the row dots round them, so both give the same sums up to f32
-/// summation order. Called by [`gemm_q4k`] for one token.
-fn gemv_q4k(isa: Isa, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
-    let (rows, k) = (w.rows(), w.cols());
-    let fast = available(isa);
-    let panels = w.backend_copy(|| Q4kPanels::build(w));
-    let blocks = panels.blocks;
+/// `out[rows] = w · x` for one token over `w`'s kept `panels` (see the module doc), with the VNNI
+/// kernel if `fast`: the activations rounded per 256 values as the row dots round them, so both
+/// give the same sums up to f32 summation order. Called by [`gemm_q4k`] for one token.
+fn gemv_q4k(fast: bool, panels: &Q4kPanels, x: &[f32], rows: usize, out: &mut [f32]) {
+    let (blocks, k) = (panels.blocks, x.len());
     TOKEN.with_borrow_mut(|(token, block_sums)| {
         token.prepare(WeightFormat::Q4K, x);
         assert!(
@@ -254,10 +265,7 @@ fn gemv_row_scalar(
         for (b, &block_sum) in block_sums.iter().enumerate().skip(8 * s).take(8) {
             let mut block = 0i32;
             for c in 0..QK {
-                let (v, e, high) = ((c % 16) / 4, c % 4, c >= 16);
-                let byte = panel.q[((g * blocks + b) * 4 + v) * 16 + i].to_le_bytes()[e];
-                let u = if high { byte >> 4 } else { byte & 0x0f };
-                block += u as i32 * token.qs[b * QK + c] as i32;
+                block += panel.nibble(g, blocks, b, i, c) as i32 * token.qs[b * QK + c] as i32;
             }
             let at = (g * blocks + b) * 16 + i;
             sum += block * panel.sc[at] as i32;
@@ -323,10 +331,7 @@ impl Tile<'_> {
                 for b in 0..blocks {
                     let mut sum = 0i32;
                     for c in 0..QK {
-                        let (v, e, high) = ((c % 16) / 4, c % 4, c >= 16);
-                        let byte = panel.q[((g * blocks + b) * 4 + v) * 16 + i].to_le_bytes()[e];
-                        let u = if high { byte >> 4 } else { byte & 0x0f };
-                        sum += u as i32 * tokens.qx[t * k + b * QK + c] as i32;
+                        sum += panel.nibble(g, blocks, b, i, c) as i32 * tokens.qx[t * k + b * QK + c] as i32;
                     }
                     let at = (g * blocks + b) * 16 + i;
                     let sb = (g * supers + b / 8) * 16 + i;

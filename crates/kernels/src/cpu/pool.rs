@@ -273,7 +273,9 @@ fn work(next: &AtomicUsize, job: &Job) {
 }
 
 fn helper(pool: &Pool) {
-    let mut seen = pool.state.load(SeqCst);
+    // Start from the current epoch's closed state, so that a job already open when this helper
+    // starts (the one whose submission spawned it) counts as a change and is joined.
+    let mut seen = pool.state.load(SeqCst) & !1;
     loop {
         let state = pool.wait_for_change(seen);
         seen = state;
