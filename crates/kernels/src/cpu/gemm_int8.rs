@@ -428,7 +428,7 @@ mod x86 {
                 } else {
                     [_mm512_setzero_ps(); 2]
                 };
-                add_block::<T, OFFSETS>(&mut acc, &sums, scales, offsets, dx.add(b), dxs.add(b), blocks);
+                add_block::<T, 2, OFFSETS>(&mut acc, &sums, scales, offsets, dx.add(b), dxs.add(b), blocks);
             }
         }
         // SAFETY: AVX-512F is enabled here; the caller owns outputs `out_at + t·stride + r`.

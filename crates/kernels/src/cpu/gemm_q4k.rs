@@ -1,16 +1,20 @@
 //! `Q4_K` weights × tokens over panels that keep the nibbles: decode and batched decode.
 //!
 //! The integer GEMM (`gemm_int8.rs`) decodes `Q4_K` to one byte per value, twice the stored
-//! bytes, which a one-token decode cannot afford. These panels keep 4 bits per value and the
-//! sub-block scales as bytes, 0.58 bytes per value against the file's 0.5625, so they serve every
-//! token count and the stored rows are not read again.
+//! bytes, which a one-token decode cannot afford. These panels keep 4 bits per value, the
+//! six-bit sub-block scales and mins and the f16 super-block scales: exactly the file's 144 bytes
+//! per 256 values, so they serve every token count, the stored rows are not read again, and a
+//! decoded token reads no more bytes than the file holds.
 //!
 //! Layout per panel of 32 rows, per 16-row group `g`:
 //! - `q`: per 32-value block `b`, four 64-byte vectors `i`; row `r`'s 4 bytes `e` of vector `i`
 //!   hold value `32b + 4i + e` in the low nibble and value `32b + 16 + 4i + e` in the high one;
-//! - `sc`, `m`: per block, 16 bytes (one per row): the six-bit scale and min;
-//! - `d`, `dmin`: per super-block of 256 values, 16 f32: the stored f16 `d` and the negated
-//!   `dmin`, so that the min term is added like `gemm_int8`'s offsets.
+//! - `scales`: per block, 16 bytes (one per row): the low 4 bits of the scale, and the low 4 bits
+//!   of the min in the high nibble;
+//! - `high`: per super-block of 256 values, 16 words: bits `4j..4j + 2` the scale's top 2 bits
+//!   of the super-block's block `j`, bits `4j + 2..4j + 4` the min's;
+//! - `d`, `dmin`: per super-block, 16 f16: the stored `d` and the negated `dmin`, so that the min
+//!   term is added like `gemm_int8`'s offsets.
 //!
 //! One 64-byte load thus gives two `vpdpbusd` operands (a mask, and a shift and a mask) for 16
 //! rows, against each token's matching 4 bytes broadcast. Per block the exact i32 sums become
@@ -30,13 +34,16 @@ use super::int8_pack::QuantTokens;
 use super::pack::{for_each_panel, tiles, AlignedBuf, PANEL_ROWS};
 use super::pool::{self, DisjointChunks};
 use super::SharedMut;
-use crate::dtype::WeightFormat;
+use crate::dtype::{f16_to_f32, WeightFormat};
 use crate::quant::PreparedActivations;
-use crate::quant::{f16_at, q4_k, QK, QK_K};
+use crate::quant::{q4_k, QK, QK_K};
 use crate::weight::WeightMatrix;
 
-/// Tokens per micro-kernel tile.
-const TILE_TOKENS: usize = 6;
+/// Tokens per micro-kernel tile (of one 16-row group: 8 integer and 8 f32 accumulators). One
+/// group at a time rather than a panel's 32 rows × 6 tokens: 8 tokens (a batch of 8 streams)
+/// then fill one tile instead of a 6-token and a 2-token one, and each tile's per-block float
+/// step is shared by more tokens.
+const TILE_TOKENS: usize = 8;
 
 thread_local! {
     static TOKENS: RefCell<QuantTokens> = RefCell::new(QuantTokens::default());
@@ -52,10 +59,10 @@ pub fn available(isa: Isa) -> bool {
 /// Every panel of a `Q4_K` matrix in the layout above: the CPU backend's copy of the weights.
 pub(crate) struct Q4kPanels {
     q: AlignedBuf,
-    sc: Vec<u8>,
-    m: Vec<u8>,
-    d: Vec<f32>,
-    dmin: Vec<f32>,
+    scales: Vec<u8>,
+    high: Vec<u32>,
+    d: Vec<u16>,
+    dmin: Vec<u16>,
     blocks: usize,
 }
 
@@ -68,24 +75,26 @@ impl Q4kPanels {
         let mut q = AlignedBuf::default();
         q.resize(panels * 2 * blocks * 4 * 16);
         // Rows past the matrix's end keep zero `d` and `dmin`, so they contribute nothing.
-        let (mut sc, mut m) = (vec![0u8; panels * 2 * blocks * 16], vec![0u8; panels * 2 * blocks * 16]);
-        let (mut d, mut dmin) = (vec![0.0; panels * 2 * supers * 16], vec![0.0; panels * 2 * supers * 16]);
-        let q_panels = DisjointChunks::new(q.as_mut_slice(), 2 * blocks * 4 * 16);
-        let (sc_panels, m_panels) = (
-            DisjointChunks::new(&mut sc, 2 * blocks * 16),
-            DisjointChunks::new(&mut m, 2 * blocks * 16),
+        let mut scales = vec![0u8; panels * 2 * blocks * 16];
+        let mut high = vec![0u32; panels * 2 * supers * 16];
+        let (mut d, mut dmin) = (
+            vec![0u16; panels * 2 * supers * 16],
+            vec![0u16; panels * 2 * supers * 16],
         );
+        let q_panels = DisjointChunks::new(q.as_mut_slice(), 2 * blocks * 4 * 16);
+        let scale_panels = DisjointChunks::new(&mut scales, 2 * blocks * 16);
+        let high_panels = DisjointChunks::new(&mut high, 2 * supers * 16);
         let (d_panels, dmin_panels) = (
             DisjointChunks::new(&mut d, 2 * supers * 16),
             DisjointChunks::new(&mut dmin, 2 * supers * 16),
         );
         pool::for_each(panels, |p| {
             // SAFETY: `for_each` runs each panel index once.
-            let (q, sc, m, d, dmin) = unsafe {
+            let (q, scales, high, d, dmin) = unsafe {
                 (
                     q_panels.get(p),
-                    sc_panels.get(p),
-                    m_panels.get(p),
+                    scale_panels.get(p),
+                    high_panels.get(p),
                     d_panels.get(p),
                     dmin_panels.get(p),
                 )
@@ -94,13 +103,15 @@ impl Q4kPanels {
                 let (g, i) = (r / 16, r % 16);
                 let row = w.row_bytes(p * PANEL_ROWS + r);
                 for (sb, block) in row.chunks_exact(q4_k::BLOCK_BYTES).enumerate() {
-                    d[(g * supers + sb) * 16 + i] = f16_at(block, 0);
-                    dmin[(g * supers + sb) * 16 + i] = -f16_at(block, 2);
-                    let (scales, mins) = q4_k::scales_mins(&block[4..16]);
+                    let at = (g * supers + sb) * 16 + i;
+                    d[at] = u16::from_le_bytes([block[0], block[1]]);
+                    // Negating flips the sign bit: exact.
+                    dmin[at] = u16::from_le_bytes([block[2], block[3]]) ^ 0x8000;
+                    let (sc, m) = q4_k::scales_mins(&block[4..16]);
                     for j in 0..8 {
                         let b = 8 * sb + j;
-                        sc[(g * blocks + b) * 16 + i] = scales[j];
-                        m[(g * blocks + b) * 16 + i] = mins[j];
+                        scales[(g * blocks + b) * 16 + i] = (sc[j] & 0x0f) | (m[j] << 4);
+                        high[at] |= (((sc[j] >> 4) | ((m[j] >> 4) << 2)) as u32) << (4 * j);
                         // Sub-block j: nibbles of bytes 32·(j/2).., low for even j.
                         let nibble = |c: usize| {
                             let byte = block[16 + 32 * (j / 2) + c];
@@ -121,8 +132,8 @@ impl Q4kPanels {
         });
         Self {
             q,
-            sc,
-            m,
+            scales,
+            high,
             d,
             dmin,
             blocks,
@@ -133,12 +144,13 @@ impl Q4kPanels {
     fn panel(&self, p: usize) -> PanelRef<'_> {
         let (blocks, supers) = (self.blocks, self.blocks / 8);
         let words = 2 * blocks * 4 * 16;
+        let (per_block, per_super) = (2 * blocks * 16, 2 * supers * 16);
         PanelRef {
             q: &self.q.as_slice()[p * words..(p + 1) * words],
-            sc: &self.sc[p * 2 * blocks * 16..(p + 1) * 2 * blocks * 16],
-            m: &self.m[p * 2 * blocks * 16..(p + 1) * 2 * blocks * 16],
-            d: &self.d[p * 2 * supers * 16..(p + 1) * 2 * supers * 16],
-            dmin: &self.dmin[p * 2 * supers * 16..(p + 1) * 2 * supers * 16],
+            scales: &self.scales[p * per_block..(p + 1) * per_block],
+            high: &self.high[p * per_super..(p + 1) * per_super],
+            d: &self.d[p * per_super..(p + 1) * per_super],
+            dmin: &self.dmin[p * per_super..(p + 1) * per_super],
         }
     }
 }
@@ -146,13 +158,25 @@ impl Q4kPanels {
 #[derive(Clone, Copy)]
 struct PanelRef<'a> {
     q: &'a [u32],
-    sc: &'a [u8],
-    m: &'a [u8],
-    d: &'a [f32],
-    dmin: &'a [f32],
+    scales: &'a [u8],
+    high: &'a [u32],
+    d: &'a [u16],
+    dmin: &'a [u16],
 }
 
 impl PanelRef<'_> {
+    /// Whether the panel holds both groups of a matrix with `blocks` blocks per row: what every
+    /// kernel checks before it reads.
+    fn holds(&self, blocks: usize) -> bool {
+        let supers = blocks / 8;
+        blocks.is_multiple_of(8)
+            && self.q.len() >= 2 * blocks * 4 * 16
+            && self.scales.len() >= 2 * blocks * 16
+            && self.high.len() >= 2 * supers * 16
+            && self.d.len() >= 2 * supers * 16
+            && self.dmin.len() >= 2 * supers * 16
+    }
+
     /// The 4-bit value `c` of block `b` of row `i` in group `g` (of a matrix with `blocks` blocks
     /// per row), read back out of the layout in the module doc: the scalar kernels' decoder.
     fn nibble(&self, g: usize, blocks: usize, b: usize, i: usize, c: usize) -> u8 {
@@ -163,6 +187,22 @@ impl PanelRef<'_> {
         } else {
             byte & 0x0f
         }
+    }
+
+    /// The six-bit scale and min of block `b` of row `i` in group `g`.
+    fn scale_min(&self, g: usize, blocks: usize, b: usize, i: usize) -> (u8, u8) {
+        let low = self.scales[(g * blocks + b) * 16 + i];
+        let high = self.high[(g * blocks / 8 + b / 8) * 16 + i] >> (4 * (b % 8));
+        (
+            (low & 0x0f) | ((high as u8 & 3) << 4),
+            (low >> 4) | (((high >> 2) as u8 & 3) << 4),
+        )
+    }
+
+    /// The super-block scales `(d, −dmin)` of super-block `s` of row `i` in group `g`.
+    fn super_scales(&self, g: usize, supers: usize, s: usize, i: usize) -> (f32, f32) {
+        let at = (g * supers + s) * 16 + i;
+        (f16_to_f32(self.d[at]), f16_to_f32(self.dmin[at]))
     }
 }
 
@@ -190,18 +230,24 @@ pub fn gemm_q4k(isa: Isa, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
         let tokens = &*tokens;
         let dst = SharedMut::new(out);
         for_each_panel(rows.div_ceil(PANEL_ROWS), |p| {
-            let first = p * PANEL_ROWS;
-            for (t, size) in tiles(n, TILE_TOKENS) {
-                let tile = Tile {
-                    panel: panels.panel(p),
-                    tokens,
-                    first_token: t,
-                    out: dst,
-                    out_at: t * rows + first,
-                    out_stride: rows,
-                    count: PANEL_ROWS.min(rows - first),
-                };
-                tile.run(fast, size);
+            for group in 0..2 {
+                let first = p * PANEL_ROWS + 16 * group;
+                if first >= rows {
+                    break;
+                }
+                for (t, size) in tiles(n, TILE_TOKENS) {
+                    let tile = Tile {
+                        panel: panels.panel(p),
+                        group,
+                        tokens,
+                        first_token: t,
+                        out: dst,
+                        out_at: t * rows + first,
+                        out_stride: rows,
+                        count: 16.min(rows - first),
+                    };
+                    tile.run(fast, size);
+                }
             }
         });
     });
@@ -267,20 +313,22 @@ fn gemv_row_scalar(
             for c in 0..QK {
                 block += panel.nibble(g, blocks, b, i, c) as i32 * token.qs[b * QK + c] as i32;
             }
-            let at = (g * blocks + b) * 16 + i;
-            sum += block * panel.sc[at] as i32;
-            mins += panel.m[at] as i32 * block_sum;
+            let (scale, min) = panel.scale_min(g, blocks, b, i);
+            sum += block * scale as i32;
+            mins += min as i32 * block_sum;
         }
-        let at = (g * supers + s) * 16 + i;
-        acc += sum as f32 * (panel.d[at] * token.d[s]) + mins as f32 * (panel.dmin[at] * token.d[s]);
+        let (d, dmin) = panel.super_scales(g, supers, s, i);
+        acc += sum as f32 * (d * token.d[s]) + mins as f32 * (dmin * token.d[s]);
     }
     acc
 }
 
-/// A tile of tokens against one panel, written to `out[out_at + t·out_stride + r]` for
-/// `r < count`.
+/// A tile of tokens against one 16-row group of a panel, written to
+/// `out[out_at + t·out_stride + r]` for `r < count`.
 struct Tile<'a> {
     panel: PanelRef<'a>,
+    /// The panel's 16-row group (0 or 1).
+    group: usize,
     tokens: &'a QuantTokens,
     first_token: usize,
     out: SharedMut,
@@ -295,16 +343,13 @@ impl Tile<'_> {
         let last = self.first_token + size;
         let panel = self.panel;
         assert!(
-            panel.q.len() >= 2 * blocks * 4 * 16
-                && panel.sc.len() >= 2 * blocks * 16
-                && panel.m.len() >= 2 * blocks * 16
-                && panel.d.len() >= 2 * (blocks / 8) * 16
-                && panel.dmin.len() >= 2 * (blocks / 8) * 16
+            panel.holds(blocks)
                 && blocks * QK == k
-                && blocks.is_multiple_of(8)
                 && self.tokens.qx.len() >= last * k
                 && self.tokens.dx.len() >= last * blocks
                 && self.tokens.dxs.len() >= last * blocks
+                && self.group < 2
+                && self.count <= 16
         );
         #[cfg(target_arch = "x86_64")]
         if fast {
@@ -318,32 +363,32 @@ impl Tile<'_> {
                     }
                 };
             }
-            dispatch!(1 2 3 4 5 6);
+            dispatch!(1 2 3 4 5 6 7 8);
             return;
         }
         let _ = fast;
         let tokens = self.tokens;
         let supers = blocks / 8;
         for t in self.first_token..last {
-            for r in 0..self.count {
-                let (g, i) = (r / 16, r % 16);
+            for i in 0..self.count {
+                let g = self.group;
                 let mut acc = 0.0f32;
                 for b in 0..blocks {
                     let mut sum = 0i32;
                     for c in 0..QK {
                         sum += panel.nibble(g, blocks, b, i, c) as i32 * tokens.qx[t * k + b * QK + c] as i32;
                     }
-                    let at = (g * blocks + b) * 16 + i;
-                    let sb = (g * supers + b / 8) * 16 + i;
-                    let s = panel.sc[at] as f32 * panel.d[sb];
-                    let o = panel.m[at] as f32 * panel.dmin[sb];
+                    let (scale, min) = panel.scale_min(g, blocks, b, i);
+                    let (d, dmin) = panel.super_scales(g, supers, b / 8, i);
+                    let s = scale as f32 * d;
+                    let o = min as f32 * dmin;
                     acc += sum as f32 * (s * tokens.dx[t * blocks + b]);
                     acc += o * tokens.dxs[t * blocks + b];
                 }
                 // SAFETY: the caller owns rows `..count` of this tile's tokens in the output.
                 unsafe {
                     self.out
-                        .write(self.out_at + (t - self.first_token) * self.out_stride + r, acc)
+                        .write(self.out_at + (t - self.first_token) * self.out_stride + i, acc)
                 };
             }
         }
@@ -380,11 +425,7 @@ mod x86 {
         assert!(
             g < 2
                 && count <= 16
-                && panel.q.len() >= 2 * blocks * 4 * 16
-                && panel.sc.len() >= 2 * blocks * 16
-                && panel.m.len() >= 2 * blocks * 16
-                && panel.d.len() >= 2 * supers * 16
-                && panel.dmin.len() >= 2 * supers * 16
+                && panel.holds(blocks)
                 && token.qs.len() >= blocks * QK
                 && token.d.len() >= supers
                 && block_sums.len() >= blocks
@@ -392,10 +433,8 @@ mod x86 {
         // SAFETY: every offset below stays inside the lengths asserted above.
         unsafe {
             let q = (panel.q.as_ptr() as *const u8).add(g * blocks * 256);
-            let (sc, m) = (
-                panel.sc.as_ptr().add(g * blocks * 16),
-                panel.m.as_ptr().add(g * blocks * 16),
-            );
+            let scales = panel.scales.as_ptr().add(g * blocks * 16);
+            let high = panel.high.as_ptr().add(g * supers * 16);
             let (d, dmin) = (
                 panel.d.as_ptr().add(g * supers * 16),
                 panel.dmin.as_ptr().add(g * supers * 16),
@@ -405,6 +444,7 @@ mod x86 {
             let mut acc = _mm512_setzero_ps();
             for s in 0..supers {
                 let (mut sum, mut mins) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+                let mut high = SuperBlockHighBits::load(high.add(16 * s));
                 for (b, &block_sum) in block_sums.iter().enumerate().skip(8 * s).take(8) {
                     let (mut lo, mut hi) = (_mm512_setzero_si512(), _mm512_setzero_si512());
                     for v in 0..4 {
@@ -415,20 +455,15 @@ mod x86 {
                         lo = _mm512_dpbusd_epi32(lo, _mm512_and_si512(w, low), xl);
                         hi = _mm512_dpbusd_epi32(hi, _mm512_and_si512(_mm512_srli_epi16::<4>(w), low), xh);
                     }
-                    let scales = _mm512_cvtepu8_epi32(_mm_loadu_si128(sc.add(16 * b) as *const _));
-                    sum = _mm512_add_epi32(sum, _mm512_mullo_epi32(_mm512_add_epi32(lo, hi), scales));
-                    let block_mins = _mm512_cvtepu8_epi32(_mm_loadu_si128(m.add(16 * b) as *const _));
+                    let (block_scales, block_mins) = high.next_block(scales.add(16 * b));
+                    sum = _mm512_add_epi32(sum, _mm512_mullo_epi32(_mm512_add_epi32(lo, hi), block_scales));
                     mins = _mm512_add_epi32(mins, _mm512_mullo_epi32(block_mins, _mm512_set1_epi32(block_sum)));
                 }
                 let dx = _mm512_set1_ps(token.d[s]);
-                acc = _mm512_fmadd_ps(
-                    _mm512_cvtepi32_ps(sum),
-                    _mm512_mul_ps(_mm512_loadu_ps(d.add(16 * s)), dx),
-                    acc,
-                );
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(half16(d.add(16 * s)), dx), acc);
                 acc = _mm512_fmadd_ps(
                     _mm512_cvtepi32_ps(mins),
-                    _mm512_mul_ps(_mm512_loadu_ps(dmin.add(16 * s)), dx),
+                    _mm512_mul_ps(half16(dmin.add(16 * s)), dx),
                     acc,
                 );
             }
@@ -436,14 +471,74 @@ mod x86 {
         }
     }
 
-    /// `T` tokens × 32 rows.
+    /// 16 f16 at `at`, as f32.
+    ///
+    /// # Safety
+    /// `at..at + 16` must be readable.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn half16(at: *const u16) -> __m512 {
+        // SAFETY: as the caller guarantees.
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(at as *const _)) }
+    }
+
+    /// One super-block's `high` words (see the module doc), rotated so that the next block's top
+    /// scale and min bits sit at bits 4..6 (rotations, not shifts: the last block's bits are the
+    /// words' top ones).
+    struct SuperBlockHighBits {
+        scales: __m512i,
+        mins: __m512i,
+    }
+
+    impl SuperBlockHighBits {
+        /// # Safety
+        /// `at..at + 16` must be readable.
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        unsafe fn load(at: *const u32) -> Self {
+            // SAFETY: as the caller guarantees.
+            let high = unsafe { _mm512_loadu_si512(at as *const _) };
+            Self {
+                scales: _mm512_rol_epi32::<4>(high),
+                mins: _mm512_rol_epi32::<2>(high),
+            }
+        }
+
+        /// The six-bit scales and mins of the next block of the super-block, as 16 i32, from its
+        /// 16 low-bit bytes at `low`.
+        ///
+        /// # Safety
+        /// `low..low + 16` must be readable.
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        unsafe fn next_block(&mut self, low: *const u8) -> (__m512i, __m512i) {
+            // SAFETY: as the caller guarantees.
+            let low = unsafe { _mm512_cvtepu8_epi32(_mm_loadu_si128(low as *const _)) };
+            let top = _mm512_set1_epi32(0x30);
+            // `a | (b & c)`.
+            const OR_AND: i32 = 0xf8;
+            let scales =
+                _mm512_ternarylogic_epi32::<OR_AND>(_mm512_and_si512(low, _mm512_set1_epi32(0x0f)), self.scales, top);
+            let mins = _mm512_ternarylogic_epi32::<OR_AND>(_mm512_srli_epi32::<4>(low), self.mins, top);
+            self.scales = _mm512_ror_epi32::<4>(self.scales);
+            self.mins = _mm512_ror_epi32::<4>(self.mins);
+            (scales, mins)
+        }
+    }
+
+    /// `T` tokens × the 16 rows of group `tile.group`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     pub(super) unsafe fn tile<const T: usize>(tile: &Tile<'_>) {
         let (k, blocks) = (tile.tokens.k, tile.tokens.blocks);
         let supers = blocks / 8;
-        let p = tile.panel;
-        let q = p.q.as_ptr() as *const u8;
-        let group_bytes = blocks * 4 * 64;
+        let (p, g) = (tile.panel, tile.group);
+        let q = (p.q.as_ptr() as *const u8).wrapping_add(g * blocks * 4 * 64);
+        let scales = p.scales.as_ptr().wrapping_add(g * blocks * 16);
+        let high = p.high.as_ptr().wrapping_add(g * supers * 16);
+        let (d, dmin) = (
+            p.d.as_ptr().wrapping_add(g * supers * 16),
+            p.dmin.as_ptr().wrapping_add(g * supers * 16),
+        );
         let t0 = tile.first_token;
         let qx = tile.tokens.qx.as_ptr().wrapping_add(t0 * k);
         let (dx, dxs) = (
@@ -451,60 +546,51 @@ mod x86 {
             tile.tokens.dxs.as_ptr().wrapping_add(t0 * blocks),
         );
         let low = _mm512_set1_epi8(0x0f);
-        let mut acc = [[_mm512_setzero_ps(); 2]; T];
-        let (mut dv, mut mv) = ([_mm512_setzero_ps(); 2], [_mm512_setzero_ps(); 2]);
+        let mut acc = [[_mm512_setzero_ps(); 1]; T];
+        let (mut dv, mut mv) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let mut high_bits = SuperBlockHighBits {
+            scales: _mm512_setzero_si512(),
+            mins: _mm512_setzero_si512(),
+        };
         for b in 0..blocks {
-            // SAFETY (whole block): `b < blocks`, vectors `4b..4b + 4` of both groups, the
-            // block's scale bytes and its super-block's `d`/`dmin` lie in the panel, and this
+            // SAFETY (whole block): `g < 2` and `b < blocks`, so the group's vectors `4b..4b + 4`,
+            // its block scale bytes and its super-block's `d`/`dmin` lie in the panel, and this
             // tile's `T` tokens are in bounds (all checked by `Tile::run`).
             unsafe {
                 if b % 8 == 0 {
-                    for g in 0..2 {
-                        dv[g] = _mm512_loadu_ps(p.d.as_ptr().add((g * supers + b / 8) * 16));
-                        mv[g] = _mm512_loadu_ps(p.dmin.as_ptr().add((g * supers + b / 8) * 16));
-                    }
+                    dv = half16(d.add(16 * (b / 8)));
+                    mv = half16(dmin.add(16 * (b / 8)));
+                    high_bits = SuperBlockHighBits::load(high.add(16 * (b / 8)));
                 }
-                let mut sums = [[_mm512_setzero_si512(); 2]; T];
+                let mut sums = [[_mm512_setzero_si512(); 1]; T];
                 // Few tokens leave the dependency chains short of work: the high nibbles get
                 // chains of their own (added at the end of the block).
-                let mut sums_hi = [[_mm512_setzero_si512(); 2]; T];
+                let mut sums_hi = [_mm512_setzero_si512(); T];
                 for v in 0..4 {
-                    let mut lo = [_mm512_setzero_si512(); 2];
-                    let mut hi = [_mm512_setzero_si512(); 2];
-                    for g in 0..2 {
-                        let w = _mm512_loadu_si512(q.add(g * group_bytes + (4 * b + v) * 64) as *const _);
-                        lo[g] = _mm512_and_si512(w, low);
-                        hi[g] = _mm512_and_si512(_mm512_srli_epi16::<4>(w), low);
-                    }
+                    let w = _mm512_loadu_si512(q.add((4 * b + v) * 64) as *const _);
+                    let lo = _mm512_and_si512(w, low);
+                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(w), low);
                     for (t, sums) in sums.iter_mut().enumerate() {
                         let at = qx.add(t * k + 32 * b + 4 * v);
                         let xl = _mm512_set1_epi32((at as *const i32).read_unaligned());
                         let xh = _mm512_set1_epi32((at.add(16) as *const i32).read_unaligned());
-                        for g in 0..2 {
-                            if T <= 2 {
-                                sums[g] = _mm512_dpbusd_epi32(sums[g], lo[g], xl);
-                                sums_hi[t][g] = _mm512_dpbusd_epi32(sums_hi[t][g], hi[g], xh);
-                            } else {
-                                sums[g] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sums[g], lo[g], xl), hi[g], xh);
-                            }
+                        if T <= 4 {
+                            sums[0] = _mm512_dpbusd_epi32(sums[0], lo, xl);
+                            sums_hi[t] = _mm512_dpbusd_epi32(sums_hi[t], hi, xh);
+                        } else {
+                            sums[0] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sums[0], lo, xl), hi, xh);
                         }
                     }
                 }
-                if T <= 2 {
+                if T <= 4 {
                     for (sums, hi) in sums.iter_mut().zip(&sums_hi) {
-                        for g in 0..2 {
-                            sums[g] = _mm512_add_epi32(sums[g], hi[g]);
-                        }
+                        sums[0] = _mm512_add_epi32(sums[0], *hi);
                     }
                 }
-                let mut s = [_mm512_setzero_ps(); 2];
-                let mut o = [_mm512_setzero_ps(); 2];
-                for g in 0..2 {
-                    let bytes = |a: &[u8]| _mm_loadu_si128(a.as_ptr().add((g * blocks + b) * 16) as *const _);
-                    s[g] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes(p.sc))), dv[g]);
-                    o[g] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes(p.m))), mv[g]);
-                }
-                add_block::<T, true>(&mut acc, &sums, s, o, dx.add(b), dxs.add(b), blocks);
+                let (block_scales, block_mins) = high_bits.next_block(scales.add(16 * b));
+                let s = _mm512_mul_ps(_mm512_cvtepi32_ps(block_scales), dv);
+                let o = _mm512_mul_ps(_mm512_cvtepi32_ps(block_mins), mv);
+                add_block::<T, 1, true>(&mut acc, &sums, [s], [o], dx.add(b), dxs.add(b), blocks);
             }
         }
         // SAFETY: AVX-512F is enabled here; the caller owns outputs `out_at + t·stride + r`.

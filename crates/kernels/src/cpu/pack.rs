@@ -151,19 +151,19 @@ pub(crate) fn transpose16(isa: Isa, rows: &[&[u8]; 16], dst: &mut [u32]) {
     }
 }
 
-/// Writes a `T`-token × 32-row tile of accumulators (two zmm of 16 rows per token) to
-/// `out[out_at + t·out_stride + r]` for `r < count`: the epilogue of both packed GEMMs.
+/// Writes a `T`-token × `16·G`-row tile of accumulators (`G` zmm of 16 rows per token) to
+/// `out[out_at + t·out_stride + r]` for `r < count`: the epilogue of the packed GEMMs.
 ///
 /// # Safety
 /// AVX-512F must be available, and the caller must own those outputs.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-pub(crate) unsafe fn store_tile<const T: usize>(
+pub(crate) unsafe fn store_tile<const T: usize, const G: usize>(
     out: *mut f32,
     out_at: usize,
     out_stride: usize,
     count: usize,
-    acc: &[[std::arch::x86_64::__m512; 2]; T],
+    acc: &[[std::arch::x86_64::__m512; G]; T],
 ) {
     use std::arch::x86_64::*;
     for (t, acc) in acc.iter().enumerate() {
@@ -185,11 +185,11 @@ pub(crate) unsafe fn store_tile<const T: usize>(
 /// AVX-512F must be available, and `dx`/`dxs` readable at `t·stride` for `t < T`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-pub(crate) unsafe fn add_block<const T: usize, const OFFSETS: bool>(
-    acc: &mut [[std::arch::x86_64::__m512; 2]; T],
-    sums: &[[std::arch::x86_64::__m512i; 2]; T],
-    scales: [std::arch::x86_64::__m512; 2],
-    offsets: [std::arch::x86_64::__m512; 2],
+pub(crate) unsafe fn add_block<const T: usize, const G: usize, const OFFSETS: bool>(
+    acc: &mut [[std::arch::x86_64::__m512; G]; T],
+    sums: &[[std::arch::x86_64::__m512i; G]; T],
+    scales: [std::arch::x86_64::__m512; G],
+    offsets: [std::arch::x86_64::__m512; G],
     dx: *const f32,
     dxs: *const f32,
     stride: usize,
@@ -199,12 +199,12 @@ pub(crate) unsafe fn add_block<const T: usize, const OFFSETS: bool>(
     unsafe {
         for (t, (acc, sums)) in acc.iter_mut().zip(sums).enumerate() {
             let d = _mm512_set1_ps(*dx.add(t * stride));
-            for g in 0..2 {
+            for g in 0..G {
                 acc[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[g]), _mm512_mul_ps(scales[g], d), acc[g]);
             }
             if OFFSETS {
                 let m = _mm512_set1_ps(*dxs.add(t * stride));
-                for g in 0..2 {
+                for g in 0..G {
                     acc[g] = _mm512_fmadd_ps(offsets[g], m, acc[g]);
                 }
             }
