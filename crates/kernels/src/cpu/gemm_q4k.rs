@@ -17,20 +17,21 @@
 //!   term is added like `gemm_int8`'s offsets.
 //!
 //! One 64-byte load thus gives two `vpdpbusd` operands (a mask, and a shift and a mask) for 16
-//! rows, against each token's matching 4 bytes broadcast. Per block the exact i32 sums become
-//! `acc += f32(sum) · (d·sc) · d_x − (dmin·m) · d_x·Σq_x`: the very products of `gemm_int8`
-//! (`s = d·sc`, `o = −dmin·m`), so both give the same accuracy bound (see there).
+//! rows, against each token's matching 4 bytes broadcast. Activations are rounded as the row
+//! dots and llama.cpp round them for `Q4_K`: 8 bits with one scale `d_x` per 256 values (`Q8_K`).
+//! Per block and token the exact i32 sum becomes `acc_super += f32(sum)·(d·sc) − (dmin·m)·Σq_x`
+//! (two FMAs; with a scale per 32 values, as `gemm_int8` rounds, each block also needed its
+//! token's `d_x` multiplied in: 8–10% slower at 8 and 64 tokens), and each super-block
+//! `acc += acc_super · d_x`. Accuracy: the integer sums are exact, so a result is within
+//! `Σ_super-blocks d_x/2 · Σ|w|` (plus f32 rounding) of the exact product.
 //!
-//! One token (decode) takes its own kernel over the same panels ([`gemv_q4k`]): with nothing to
-//! amortise a per-block float step over, it keeps the row dots' arithmetic — activations rounded
-//! per 256 values (`Q8_K`), the sub-block scales and mins applied in i32, one float step per
-//! super-block — on 16 rows at once, so each 64-byte load feeds two `vpdpbusd` and no horizontal
-//! sums are needed.
+//! One token (decode) takes its own kernel over the same panels ([`gemv_q4k`]): it applies the
+//! sub-block scales and mins in i32 and converts once per super-block, on 16 rows at once, so
+//! each 64-byte load feeds two `vpdpbusd` and no horizontal sums are needed.
 
 use std::cell::RefCell;
 
 use super::dot::Isa;
-use super::int8_pack::QuantTokens;
 use super::pack::{for_each_panel, tiles, AlignedBuf, PANEL_ROWS};
 use super::pool::{self, DisjointChunks};
 use super::SharedMut;
@@ -46,9 +47,47 @@ use crate::weight::WeightMatrix;
 const TILE_TOKENS: usize = 8;
 
 thread_local! {
-    static TOKENS: RefCell<QuantTokens> = RefCell::new(QuantTokens::default());
+    static TOKENS: RefCell<Q8kTokens> = RefCell::new(Q8kTokens::default());
     /// One token as `Q8_K`, and `Σq` of each 32 of its values (for the mins).
     static TOKEN: RefCell<(PreparedActivations, Vec<i32>)> = RefCell::new(Default::default());
+}
+
+/// A batch of tokens rounded as `Q8_K` (8 bits, one scale per 256 values, as the one-token
+/// kernel and the row dots round them), laid out for the tiles: the values `[n, k]`, the scales
+/// `[n, k/256]` and each 32 values' `Σq` as f32 `[n, k/32]` (for the mins).
+#[derive(Default)]
+struct Q8kTokens {
+    k: usize,
+    blocks: usize,
+    prepared: Vec<PreparedActivations>,
+    qx: Vec<i8>,
+    d: Vec<f32>,
+    block_sums: Vec<f32>,
+}
+
+impl Q8kTokens {
+    /// Rounds `x` (`[n, k]`, `k` a multiple of 256), tokens spread over the thread pool.
+    fn prepare(&mut self, x: &[f32], k: usize) {
+        let n = x.len() / k;
+        self.k = k;
+        self.blocks = k / QK;
+        if self.prepared.len() < n {
+            self.prepared.resize_with(n, PreparedActivations::default);
+        }
+        pool::for_each_chunk_mut(&mut self.prepared[..n], 1, |t, p| {
+            p[0].prepare(WeightFormat::Q4K, &x[t * k..(t + 1) * k])
+        });
+        self.qx.clear();
+        self.d.clear();
+        self.block_sums.clear();
+        for p in &self.prepared[..n] {
+            assert!(p.fits(WeightFormat::Q4K, k), "Q4_K rows hold whole super-blocks");
+            self.qx.extend_from_slice(&p.qs);
+            self.d.extend_from_slice(&p.d);
+            self.block_sums
+                .extend(p.bsums.chunks_exact(2).map(|s| (s[0] as i32 + s[1] as i32) as f32));
+        }
+    }
 }
 
 /// Whether this kernel runs on `isa` with its integer instructions (AVX512-VNNI).
@@ -226,7 +265,7 @@ pub fn gemm_q4k(isa: Isa, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
         return gemv_q4k(fast, panels, x, rows, out);
     }
     TOKENS.with_borrow_mut(|tokens| {
-        tokens.prepare(isa, x, k, QK, 0);
+        tokens.prepare(x, k);
         let tokens = &*tokens;
         let dst = SharedMut::new(out);
         for_each_panel(rows.div_ceil(PANEL_ROWS), |p| {
@@ -329,7 +368,7 @@ struct Tile<'a> {
     panel: PanelRef<'a>,
     /// The panel's 16-row group (0 or 1).
     group: usize,
-    tokens: &'a QuantTokens,
+    tokens: &'a Q8kTokens,
     first_token: usize,
     out: SharedMut,
     out_at: usize,
@@ -346,8 +385,8 @@ impl Tile<'_> {
             panel.holds(blocks)
                 && blocks * QK == k
                 && self.tokens.qx.len() >= last * k
-                && self.tokens.dx.len() >= last * blocks
-                && self.tokens.dxs.len() >= last * blocks
+                && self.tokens.d.len() >= last * (blocks / 8)
+                && self.tokens.block_sums.len() >= last * blocks
                 && self.group < 2
                 && self.count <= 16
         );
@@ -369,21 +408,23 @@ impl Tile<'_> {
         let _ = fast;
         let tokens = self.tokens;
         let supers = blocks / 8;
+        let g = self.group;
         for t in self.first_token..last {
             for i in 0..self.count {
-                let g = self.group;
                 let mut acc = 0.0f32;
-                for b in 0..blocks {
-                    let mut sum = 0i32;
-                    for c in 0..QK {
-                        sum += panel.nibble(g, blocks, b, i, c) as i32 * tokens.qx[t * k + b * QK + c] as i32;
+                for s in 0..supers {
+                    let (d, dmin) = panel.super_scales(g, supers, s, i);
+                    let mut acc_super = 0.0f32;
+                    for b in 8 * s..8 * s + 8 {
+                        let mut sum = 0i32;
+                        for c in 0..QK {
+                            sum += panel.nibble(g, blocks, b, i, c) as i32 * tokens.qx[t * k + b * QK + c] as i32;
+                        }
+                        let (scale, min) = panel.scale_min(g, blocks, b, i);
+                        acc_super += sum as f32 * (scale as f32 * d);
+                        acc_super += (min as f32 * dmin) * tokens.block_sums[t * blocks + b];
                     }
-                    let (scale, min) = panel.scale_min(g, blocks, b, i);
-                    let (d, dmin) = panel.super_scales(g, supers, b / 8, i);
-                    let s = scale as f32 * d;
-                    let o = min as f32 * dmin;
-                    acc += sum as f32 * (s * tokens.dx[t * blocks + b]);
-                    acc += o * tokens.dxs[t * blocks + b];
+                    acc += acc_super * tokens.d[t * supers + s];
                 }
                 // SAFETY: the caller owns rows `..count` of this tile's tokens in the output.
                 unsafe {
@@ -400,7 +441,6 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{PanelRef, Tile};
-    use crate::cpu::pack::add_block;
     use crate::quant::{PreparedActivations, QK};
 
     /// Rows `16·g..16·g + count` of `panel` times one `Q8_K` token, stored at `out`: see
@@ -526,7 +566,10 @@ mod x86 {
         }
     }
 
-    /// `T` tokens × the 16 rows of group `tile.group`.
+    /// `T` tokens × the 16 rows of group `tile.group`. Per block and token the exact i32 sum
+    /// becomes `acc_super += f32(sum)·(d·sc) + (−dmin·m)·Σq_x` (two FMAs, the block's row
+    /// factors shared by the tile's tokens); per super-block `acc += acc_super · d_x`, the
+    /// token's one scale for those 256 values.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     pub(super) unsafe fn tile<const T: usize>(tile: &Tile<'_>) {
         let (k, blocks) = (tile.tokens.k, tile.tokens.blocks);
@@ -541,56 +584,58 @@ mod x86 {
         );
         let t0 = tile.first_token;
         let qx = tile.tokens.qx.as_ptr().wrapping_add(t0 * k);
-        let (dx, dxs) = (
-            tile.tokens.dx.as_ptr().wrapping_add(t0 * blocks),
-            tile.tokens.dxs.as_ptr().wrapping_add(t0 * blocks),
+        let (dx, block_sums) = (
+            tile.tokens.d.as_ptr().wrapping_add(t0 * supers),
+            tile.tokens.block_sums.as_ptr().wrapping_add(t0 * blocks),
         );
         let low = _mm512_set1_epi8(0x0f);
         let mut acc = [[_mm512_setzero_ps(); 1]; T];
-        let (mut dv, mut mv) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-        let mut high_bits = SuperBlockHighBits {
-            scales: _mm512_setzero_si512(),
-            mins: _mm512_setzero_si512(),
-        };
-        for b in 0..blocks {
-            // SAFETY (whole block): `g < 2` and `b < blocks`, so the group's vectors `4b..4b + 4`,
-            // its block scale bytes and its super-block's `d`/`dmin` lie in the panel, and this
+        for s in 0..supers {
+            // SAFETY (whole super-block): `g < 2`, `s < supers` and `b < blocks`, so the group's
+            // vectors, scale bytes, high words and `d`/`dmin` read here lie in the panel, and this
             // tile's `T` tokens are in bounds (all checked by `Tile::run`).
             unsafe {
-                if b % 8 == 0 {
-                    dv = half16(d.add(16 * (b / 8)));
-                    mv = half16(dmin.add(16 * (b / 8)));
-                    high_bits = SuperBlockHighBits::load(high.add(16 * (b / 8)));
-                }
-                let mut sums = [[_mm512_setzero_si512(); 1]; T];
-                // Few tokens leave the dependency chains short of work: the high nibbles get
-                // chains of their own (added at the end of the block).
-                let mut sums_hi = [_mm512_setzero_si512(); T];
-                for v in 0..4 {
-                    let w = _mm512_loadu_si512(q.add((4 * b + v) * 64) as *const _);
-                    let lo = _mm512_and_si512(w, low);
-                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(w), low);
-                    for (t, sums) in sums.iter_mut().enumerate() {
-                        let at = qx.add(t * k + 32 * b + 4 * v);
-                        let xl = _mm512_set1_epi32((at as *const i32).read_unaligned());
-                        let xh = _mm512_set1_epi32((at.add(16) as *const i32).read_unaligned());
-                        if T <= 4 {
-                            sums[0] = _mm512_dpbusd_epi32(sums[0], lo, xl);
-                            sums_hi[t] = _mm512_dpbusd_epi32(sums_hi[t], hi, xh);
-                        } else {
-                            sums[0] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sums[0], lo, xl), hi, xh);
+                let dv = half16(d.add(16 * s));
+                let mv = half16(dmin.add(16 * s));
+                let mut high_bits = SuperBlockHighBits::load(high.add(16 * s));
+                let mut acc_super = [_mm512_setzero_ps(); T];
+                for b in 8 * s..8 * s + 8 {
+                    let mut sums = [_mm512_setzero_si512(); T];
+                    // Few tokens leave the dependency chains short of work: the high nibbles get
+                    // chains of their own (added at the end of the block).
+                    let mut sums_hi = [_mm512_setzero_si512(); T];
+                    for v in 0..4 {
+                        let w = _mm512_loadu_si512(q.add((4 * b + v) * 64) as *const _);
+                        let lo = _mm512_and_si512(w, low);
+                        let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(w), low);
+                        for (t, sum) in sums.iter_mut().enumerate() {
+                            let at = qx.add(t * k + 32 * b + 4 * v);
+                            let xl = _mm512_set1_epi32((at as *const i32).read_unaligned());
+                            let xh = _mm512_set1_epi32((at.add(16) as *const i32).read_unaligned());
+                            if T <= 4 {
+                                *sum = _mm512_dpbusd_epi32(*sum, lo, xl);
+                                sums_hi[t] = _mm512_dpbusd_epi32(sums_hi[t], hi, xh);
+                            } else {
+                                *sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(*sum, lo, xl), hi, xh);
+                            }
                         }
                     }
-                }
-                if T <= 4 {
-                    for (sums, hi) in sums.iter_mut().zip(&sums_hi) {
-                        sums[0] = _mm512_add_epi32(sums[0], *hi);
+                    if T <= 4 {
+                        for (sum, hi) in sums.iter_mut().zip(&sums_hi) {
+                            *sum = _mm512_add_epi32(*sum, *hi);
+                        }
+                    }
+                    let (block_scales, block_mins) = high_bits.next_block(scales.add(16 * b));
+                    let row_scale = _mm512_mul_ps(_mm512_cvtepi32_ps(block_scales), dv);
+                    let row_min = _mm512_mul_ps(_mm512_cvtepi32_ps(block_mins), mv);
+                    for (t, (acc, sum)) in acc_super.iter_mut().zip(&sums).enumerate() {
+                        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(*sum), row_scale, *acc);
+                        *acc = _mm512_fmadd_ps(row_min, _mm512_set1_ps(*block_sums.add(t * blocks + b)), *acc);
                     }
                 }
-                let (block_scales, block_mins) = high_bits.next_block(scales.add(16 * b));
-                let s = _mm512_mul_ps(_mm512_cvtepi32_ps(block_scales), dv);
-                let o = _mm512_mul_ps(_mm512_cvtepi32_ps(block_mins), mv);
-                add_block::<T, 1, true>(&mut acc, &sums, [s], [o], dx.add(b), dxs.add(b), blocks);
+                for (t, (acc, acc_super)) in acc.iter_mut().zip(&acc_super).enumerate() {
+                    acc[0] = _mm512_fmadd_ps(*acc_super, _mm512_set1_ps(*dx.add(t * supers + s)), acc[0]);
+                }
             }
         }
         // SAFETY: AVX-512F is enabled here; the caller owns outputs `out_at + t·stride + r`.
@@ -638,8 +683,7 @@ mod tests {
                 let mut out = vec![f32::NAN; n * rows];
                 gemm_q4k(isa, &x, &w, &mut out);
                 assert!(w.built_backend_copy::<Q4kPanels>().is_some());
-                let rounding = if n == 1 { WeightFormat::Q4K } else { WeightFormat::Q8_0 };
-                reference::check_rounded_for(rounding, &out, &decoded, &x, rows, k, isa.name());
+                reference::check_rounded_for(WeightFormat::Q4K, &out, &decoded, &x, rows, k, isa.name());
             }
         }
     }
