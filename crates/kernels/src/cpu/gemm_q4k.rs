@@ -651,19 +651,24 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     /// Every ISA (VNNI where available, the scalar reference otherwise), partial panels, one to
-    /// 13 tokens (one token: activations rounded per 256 values rather than 32), against f64 sums
-    /// over the dequantised weights: within `1e-5 · Σ|w·x̂|` of the exact product with the rounded
-    /// activations `x̂`, and within `Σ_blocks d_x/2 · Σ|w|` (plus `1e-5 · Σ|w·x|`) of the product
-    /// with the f32 activations.
+    /// 13 tokens (activations rounded per 256 values), against f64 sums over the dequantised
+    /// weights: within `1e-5 · Σ|w·x̂|` of the exact product with the rounded activations `x̂`,
+    /// and within `Σ_super-blocks d_x/2 · Σ|w|` (plus `1e-5 · Σ|w·x|`) of the product with the
+    /// f32 activations. Random six-bit scales and mins reach every block's top bits.
     #[test]
     fn every_isa_matches_f64_reference() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(17);
-        // One token (the decode kernel) with partial groups and panels too.
+        // One token (the decode kernel) with partial groups and panels too; every tile size
+        // (13 = 8 + 5, 11 = 8 + 3, and the tiles of ≤ 4 tokens, whose high nibbles take chains
+        // of their own).
         for &(rows, supers, n) in &[
             (5usize, 1usize, 1usize),
             (37, 2, 13),
             (32, 1, 6),
             (70, 3, 7),
+            (21, 1, 11),
+            (16, 1, 2),
+            (33, 1, 4),
             (70, 3, 1),
             (48, 2, 1),
         ] {
