@@ -195,6 +195,12 @@ fn gemm_weights(format: WeightFormat, rows: usize, cols: usize, rng: &mut rand_c
     WeightMatrix::new(rows, cols, format, ByteView::from_vec(bytes)).unwrap()
 }
 
+/// A second matrix with `w`'s stored rows (and none of its kept panels).
+fn same_weights(w: &WeightMatrix) -> WeightMatrix {
+    let bytes = (0..w.rows()).flat_map(|r| w.row_bytes(r).iter().copied()).collect();
+    WeightMatrix::new(w.rows(), w.cols(), w.format(), ByteView::from_vec(bytes)).unwrap()
+}
+
 /// Decode- and prefill-shaped products (`n` tokens × the R1-Distill-Qwen-1.5B projections) on one
 /// thread, in GFLOP/s (2·n·rows·cols per call): `matmul` (whatever it dispatches to: fused dot
 /// products below its GEMM threshold), the f32 panels the packed GEMMs replace, and the packed
@@ -247,14 +253,22 @@ fn gemm(c: &mut Criterion) {
                         b.iter(|| cpu::pool::single_threaded(|| cpu::gemm_q4k::gemm_q4k(isa, &x, &w, &mut out)))
                     });
                 }
+                if format == WeightFormat::Q6K && cpu::gemm_q6k::available(isa) {
+                    group.bench_function(name("gemm_q6k"), |b| {
+                        b.iter(|| cpu::pool::single_threaded(|| cpu::gemm_q6k::gemm_q6k(isa, &x, &w, &mut out)))
+                    });
+                }
                 if cpu::gemm_fp8::supports(isa, &w) {
                     group.bench_function(name("gemm_fp8"), |b| {
                         b.iter(|| cpu::pool::single_threaded(|| cpu::gemm_fp8::gemm_fp8(isa, &x, &w, &mut out)))
                     });
                 }
                 if cpu::gemm_int8::supports(&w) && cpu::gemm_int8::available(isa) {
+                    // A matrix keeps one backend copy: `Q4_K` and `Q6_K` keep their own panels
+                    // above, so the integer GEMM's go with a copy of the weights.
+                    let copy = same_weights(&w);
                     group.bench_function(name("gemm_int8"), |b| {
-                        b.iter(|| cpu::pool::single_threaded(|| cpu::gemm_int8::gemm_int8(isa, &x, &w, &mut out)))
+                        b.iter(|| cpu::pool::single_threaded(|| cpu::gemm_int8::gemm_int8(isa, &x, &copy, &mut out)))
                     });
                 }
             }
@@ -264,14 +278,13 @@ fn gemm(c: &mut Criterion) {
 }
 
 /// One decode token (`n = 1`) on all of the compute pool's threads, weights cycled from DRAM
-/// (`R1SERVE_BENCH_MIB`) as in a real model, in GB/s of stored weight bytes: `matmul` (the path a
-/// decode step takes, panels kept) and, for `Q6_K`, its kept-panel integer GEMM forced at one
-/// token.
-/// Compare with `memory/*` (one thread) and `r1serve bench`'s probe (all threads).
+/// (`R1SERVE_BENCH_MIB`) as in a real model, in GB/s of stored weight bytes: `matmul`, the path a
+/// decode step takes (every format here reads its kept panels; `matvec/*` has the row dots over
+/// the stored rows, on one thread). Compare with `memory/*` (one thread) and `r1serve bench`'s
+/// probe (all threads).
 fn decode(c: &mut Criterion) {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
     let mut group = c.benchmark_group("decode");
-    let isa = cpu::dot::isa();
     for format in [
         WeightFormat::Bf16,
         WeightFormat::Q8_0,
@@ -280,12 +293,7 @@ fn decode(c: &mut Criterion) {
     ] {
         let one = gemm_weights(format, 8960, 1536, &mut rng);
         let copies = working_set_bytes().div_ceil(one.stored_bytes()).max(1);
-        let matrices: Vec<WeightMatrix> = (0..copies)
-            .map(|_| {
-                let bytes = (0..one.rows()).flat_map(|r| one.row_bytes(r).iter().copied()).collect();
-                WeightMatrix::new(one.rows(), one.cols(), format, ByteView::from_vec(bytes)).unwrap()
-            })
-            .collect();
+        let matrices: Vec<WeightMatrix> = (0..copies).map(|_| same_weights(&one)).collect();
         let x: Vec<f32> = (0..one.cols()).map(|_| rng.random_range(-1.0..1.0)).collect();
         let mut out = vec![0.0f32; one.rows()];
         group.throughput(Throughput::BytesDecimal(one.stored_bytes() as u64));
@@ -301,19 +309,6 @@ fn decode(c: &mut Criterion) {
                 next += 1;
             })
         });
-        // `Q6_K` alone takes the row dots at one token (BF16, Q8_0 and Q4_K read their kept
-        // panels in `matmul` already): its integer GEMM forced at one token, for comparison.
-        if format == WeightFormat::Q6K && cpu::gemm_int8::available(isa) {
-            for w in &matrices {
-                cpu::gemm_int8::gemm_int8(isa, &x, w, &mut out);
-            }
-            group.bench_function(format!("{}/gemm_int8", format.name()), |b| {
-                b.iter(|| {
-                    cpu::gemm_int8::gemm_int8(isa, &x, &matrices[next % copies], &mut out);
-                    next += 1;
-                })
-            });
-        }
     }
     group.finish();
 }

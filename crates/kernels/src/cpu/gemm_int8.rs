@@ -30,8 +30,9 @@ const TILE_TOKENS: usize = 6;
 /// Every 32-row panel of a matrix, decoded and transposed once and kept: the CPU backend's copy
 /// of block-quantised weights for this GEMM (decoding a panel per matmul costs as much as the
 /// multiply-adds when a batch holds few tokens). Per panel: both groups' transposed bytes, and per
-/// group `[blocks][16]` scales and (formats with offsets only) offsets. (`Q4_K` keeps its
-/// nibbles in `gemm_q4k.rs`'s panels instead when the matmul picks that kernel.)
+/// group `[blocks][16]` scales and (formats with offsets only) offsets. (`Q4_K` and `Q6_K` keep
+/// panels of their own, at the file's size, in `gemm_q4k.rs` and `gemm_q6k.rs` when the matmul
+/// picks those kernels.)
 pub(crate) struct Int8Panels {
     q: AlignedBuf,
     /// Scales as f32, or (formats whose block scale is a stored f16: `Q8_0`, `Q4_0`) as those

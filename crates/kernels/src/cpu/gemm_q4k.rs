@@ -32,6 +32,7 @@
 use std::cell::RefCell;
 
 use super::dot::Isa;
+use super::int8_pack::Q8kTokens;
 use super::pack::{for_each_panel, tiles, AlignedBuf, PANEL_ROWS};
 use super::pool::{self, DisjointChunks};
 use super::SharedMut;
@@ -50,44 +51,6 @@ thread_local! {
     static TOKENS: RefCell<Q8kTokens> = RefCell::new(Q8kTokens::default());
     /// One token as `Q8_K`, and `Σq` of each 32 of its values (for the mins).
     static TOKEN: RefCell<(PreparedActivations, Vec<i32>)> = RefCell::new(Default::default());
-}
-
-/// A batch of tokens rounded as `Q8_K` (8 bits, one scale per 256 values, as the one-token
-/// kernel and the row dots round them), laid out for the tiles: the values `[n, k]`, the scales
-/// `[n, k/256]` and each 32 values' `Σq` as f32 `[n, k/32]` (for the mins).
-#[derive(Default)]
-struct Q8kTokens {
-    k: usize,
-    blocks: usize,
-    prepared: Vec<PreparedActivations>,
-    qx: Vec<i8>,
-    d: Vec<f32>,
-    block_sums: Vec<f32>,
-}
-
-impl Q8kTokens {
-    /// Rounds `x` (`[n, k]`, `k` a multiple of 256), tokens spread over the thread pool.
-    fn prepare(&mut self, x: &[f32], k: usize) {
-        let n = x.len() / k;
-        self.k = k;
-        self.blocks = k / QK;
-        if self.prepared.len() < n {
-            self.prepared.resize_with(n, PreparedActivations::default);
-        }
-        pool::for_each_chunk_mut(&mut self.prepared[..n], 1, |t, p| {
-            p[0].prepare(WeightFormat::Q4K, &x[t * k..(t + 1) * k])
-        });
-        self.qx.clear();
-        self.d.clear();
-        self.block_sums.clear();
-        for p in &self.prepared[..n] {
-            assert!(p.fits(WeightFormat::Q4K, k), "Q4_K rows hold whole super-blocks");
-            self.qx.extend_from_slice(&p.qs);
-            self.d.extend_from_slice(&p.d);
-            self.block_sums
-                .extend(p.bsums.chunks_exact(2).map(|s| (s[0] as i32 + s[1] as i32) as f32));
-        }
-    }
 }
 
 /// Whether this kernel runs on `isa` with its integer instructions (AVX512-VNNI).
@@ -265,7 +228,7 @@ pub fn gemm_q4k(isa: Isa, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
         return gemv_q4k(fast, panels, x, rows, out);
     }
     TOKENS.with_borrow_mut(|tokens| {
-        tokens.prepare(x, k);
+        tokens.prepare(WeightFormat::Q4K, x, k, 0);
         let tokens = &*tokens;
         let dst = SharedMut::new(out);
         for_each_panel(rows.div_ceil(PANEL_ROWS), |p| {

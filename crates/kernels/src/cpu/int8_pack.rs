@@ -21,7 +21,7 @@ use super::pool::{self, DisjointChunks};
 
 use super::dot::Isa;
 use crate::dtype::WeightFormat;
-use crate::quant::{f16_at, q4_0, q4_k, q6_k, q8_0, round_block, QK, QK_K};
+use crate::quant::{f16_at, q4_0, q4_k, q6_k, q8_0, round_block, PreparedActivations, QK, QK_K};
 
 /// Values per weight block (one scale each) and the zero point of `format`.
 pub(crate) fn block_and_zero(format: WeightFormat) -> Option<(usize, i32)> {
@@ -190,6 +190,51 @@ impl QuantTokens {
                 _ => token.round(block, zero),
             }
         });
+    }
+}
+
+/// A batch of tokens rounded as `Q8_K` (8 bits, one scale per 256 values, as the row dots and
+/// llama.cpp round them for the k-quants), laid out for the panel GEMMs of `Q4_K`
+/// (`gemm_q4k.rs`) and `Q6_K` (`gemm_q6k.rs`): the values `[n, k]`, the scales `[n, k/256]`,
+/// each 32 values' `Σq` as f32 `[n, k/32]` (`Q4_K`'s mins) and each 16 values' `−zero·Σq`
+/// `[n, k/16]` (where `Q6_K`'s sums start, its values being stored `+ 32`).
+#[derive(Default)]
+pub(crate) struct Q8kTokens {
+    pub(crate) k: usize,
+    /// 32-value blocks per token.
+    pub(crate) blocks: usize,
+    prepared: Vec<PreparedActivations>,
+    pub(crate) qx: Vec<i8>,
+    pub(crate) d: Vec<f32>,
+    pub(crate) block_sums: Vec<f32>,
+    pub(crate) offsets: Vec<i32>,
+}
+
+impl Q8kTokens {
+    /// Rounds `x` (`[n, k]`, `k` a multiple of 256) for `format`'s weights (a k-quant), tokens
+    /// spread over the thread pool.
+    pub(crate) fn prepare(&mut self, format: WeightFormat, x: &[f32], k: usize, zero: i32) {
+        let n = x.len() / k;
+        self.k = k;
+        self.blocks = k / QK;
+        if self.prepared.len() < n {
+            self.prepared.resize_with(n, PreparedActivations::default);
+        }
+        pool::for_each_chunk_mut(&mut self.prepared[..n], 1, |t, p| {
+            p[0].prepare(format, &x[t * k..(t + 1) * k])
+        });
+        self.qx.clear();
+        self.d.clear();
+        self.block_sums.clear();
+        self.offsets.clear();
+        for p in &self.prepared[..n] {
+            assert!(p.fits(format, k), "k-quant rows hold whole super-blocks");
+            self.qx.extend_from_slice(&p.qs);
+            self.d.extend_from_slice(&p.d);
+            self.block_sums
+                .extend(p.bsums.chunks_exact(2).map(|s| (s[0] as i32 + s[1] as i32) as f32));
+            self.offsets.extend(p.bsums.iter().map(|&s| -zero * s as i32));
+        }
     }
 }
 

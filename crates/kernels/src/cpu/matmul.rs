@@ -10,6 +10,7 @@ use super::gemm_bf16::{self, gemm_bf16_with};
 use super::gemm_fp8::{self, gemm_fp8};
 use super::gemm_int8::{self, gemm_int8_with};
 use super::gemm_q4k::{self, gemm_q4k};
+use super::gemm_q6k::{self, gemm_q6k};
 use super::{pool, SharedMut};
 use crate::backend::MatmulPrecision;
 use crate::dtype::WeightFormat;
@@ -45,6 +46,8 @@ enum Gemm {
     Fp8,
     /// `gemm_q4k` (kept panels only).
     Q4k,
+    /// `gemm_q6k` (kept panels only).
+    Q6k,
     Int8,
     Bf16,
     /// The f32 panels of `gemm.rs`: every other format, and CPUs without the instructions above.
@@ -57,6 +60,8 @@ fn gemm_for(w: &WeightMatrix, isa: Isa, repack: bool) -> Gemm {
         Gemm::Fp8
     } else if repack && format == WeightFormat::Q4K && gemm_q4k::available(isa) {
         Gemm::Q4k
+    } else if repack && format == WeightFormat::Q6K && gemm_q6k::available(isa) {
+        Gemm::Q6k
     } else if gemm_int8::supports(w) && gemm_int8::available(isa) {
         Gemm::Int8
     } else if format == WeightFormat::Bf16 && gemm_bf16::available(isa) {
@@ -79,7 +84,10 @@ fn gemm_for(w: &WeightMatrix, isa: Isa, repack: bool) -> Gemm {
 ///   tokens (2: 37.1–38.6 vs 33.3–35.7 with `Q4_K` through the multi dots; 8: 86–87); `Q4_K`
 ///   from 1 token too, through the panels' one-token kernel (8960×1536 from DRAM on 2 threads:
 ///   25.0–32.4 GB/s vs 22.5–25.5 for the row dots; from L3 65–67 vs 23–29; Q4_K_M tg
-///   26.1–27.5 vs 25.4–26.3, alternated);
+///   26.1–27.5 vs 25.4–26.3, alternated); `Q6_K` from 2 tokens through `gemm_q6k`'s six-bit
+///   panels (one thread, 8960×1536 from L3: 8 tokens 293 vs 258 GFLOP/s for the integer GEMM's
+///   int8 panels, 64 tokens 285 vs 268), one token through the row dots (the panels' tile at
+///   one token: Q4_K_M tg 0.93–0.97× in four of six alternated pairs);
 /// - panels packed per call: the packing is what small batches pay for — one thread, 8960×1536:
 ///   at 4 tokens 45 vs 62 GFLOP/s for the dots, at 8 tokens 75–83 vs 57–64; the multi dots
 ///   `Q8_0` 82–92 GFLOP/s at 4–5 tokens vs 60–101, 58–87 vs 74–134 at 8; `Q4_K` 96–109 vs
@@ -96,6 +104,7 @@ fn choose_path(w: &WeightMatrix, isa: Isa, n: usize, repack: bool) -> Path {
     }
     let gemm_min = match gemm_for(w, isa, repack) {
         Gemm::Fp8 | Gemm::Q4k => 1,
+        Gemm::Q6k => 2,
         Gemm::Int8 if repack && format == WeightFormat::Q8_0 => 1,
         Gemm::Int8 if repack => 2,
         Gemm::Int8 => 6,
@@ -127,6 +136,7 @@ pub(crate) fn prepare(w: &WeightMatrix) {
     match gemm_for(w, isa, true) {
         Gemm::Fp8 => gemm_fp8::prepare(isa, w),
         Gemm::Q4k => gemm_q4k::prepare(w),
+        Gemm::Q6k => gemm_q6k::prepare(w),
         Gemm::Int8 => gemm_int8::prepare(isa, w),
         Gemm::Bf16 => gemm_bf16::prepare(isa, w),
         Gemm::F32Panels => {}
@@ -176,6 +186,7 @@ fn run(path: Path, x: &[f32], w: &WeightMatrix, out: &mut [f32], bf16: bool, rep
         match gemm_for(w, isa, repack) {
             Gemm::Fp8 => gemm_fp8(isa, x, w, out),
             Gemm::Q4k => gemm_q4k(isa, x, w, out),
+            Gemm::Q6k => gemm_q6k(isa, x, w, out),
             Gemm::Int8 => gemm_int8_with(isa, repack, x, w, out),
             Gemm::Bf16 => gemm_bf16_with(isa, bf16, repack, x, w, out),
             Gemm::F32Panels => gemm(x, w, out),

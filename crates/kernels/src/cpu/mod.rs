@@ -9,6 +9,7 @@ pub mod gemm_bf16;
 pub mod gemm_fp8;
 pub mod gemm_int8;
 pub mod gemm_q4k;
+pub mod gemm_q6k;
 mod int8_pack;
 mod matmul;
 mod pack;

@@ -46,7 +46,7 @@ pub fn dequantize(bytes: &[u8], out: &mut [f32]) {
 
 /// The stored six-bit value (0..64) of element `e`.
 #[inline(always)]
-fn six_bit(block: &[u8], e: usize) -> i32 {
+pub(crate) fn six_bit(block: &[u8], e: usize) -> i32 {
     let (ql, shift, qh, hshift) = position(e);
     (((block[ql] >> shift) & 0x0f) | (((block[qh] >> hshift) & 3) << 4)) as i32
 }
