@@ -33,7 +33,7 @@ use std::cell::RefCell;
 
 use super::dot::Isa;
 use super::int8_pack::Q8kTokens;
-use super::pack::{for_each_panel, tiles, AlignedBuf, PANEL_ROWS};
+use super::pack::{for_each_group_tile, for_each_panel, AlignedBuf, PANEL_ROWS};
 use super::pool::{self, DisjointChunks};
 use super::SharedMut;
 use crate::dtype::{f16_to_f32, WeightFormat};
@@ -231,26 +231,18 @@ pub fn gemm_q4k(isa: Isa, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
         tokens.prepare(WeightFormat::Q4K, x, k, 0);
         let tokens = &*tokens;
         let dst = SharedMut::new(out);
-        for_each_panel(rows.div_ceil(PANEL_ROWS), |p| {
-            for group in 0..2 {
-                let first = p * PANEL_ROWS + 16 * group;
-                if first >= rows {
-                    break;
-                }
-                for (t, size) in tiles(n, TILE_TOKENS) {
-                    let tile = Tile {
-                        panel: panels.panel(p),
-                        group,
-                        tokens,
-                        first_token: t,
-                        out: dst,
-                        out_at: t * rows + first,
-                        out_stride: rows,
-                        count: 16.min(rows - first),
-                    };
-                    tile.run(fast, size);
-                }
-            }
+        for_each_group_tile(rows, n, TILE_TOKENS, |at| {
+            let tile = Tile {
+                panel: panels.panel(at.panel),
+                group: at.group,
+                tokens,
+                first_token: at.first_token,
+                out: dst,
+                out_at: at.first_token * rows + at.first_row,
+                out_stride: rows,
+                count: at.count,
+            };
+            tile.run(fast, at.tokens);
         });
     });
 }
@@ -610,49 +602,32 @@ mod x86 {
 mod tests {
     use super::*;
     use crate::cpu::int8_pack::reference;
-    use crate::weight::ByteView;
-    use rand::{Rng, SeedableRng};
 
-    /// Every ISA (VNNI where available, the scalar reference otherwise), partial panels, one to
-    /// 13 tokens (activations rounded per 256 values), against f64 sums over the dequantised
-    /// weights: within `1e-5 · Σ|w·x̂|` of the exact product with the rounded activations `x̂`,
-    /// and within `Σ_super-blocks d_x/2 · Σ|w|` (plus `1e-5 · Σ|w·x|`) of the product with the
-    /// f32 activations. Random six-bit scales and mins reach every block's top bits.
+    /// Every ISA (VNNI where available, the scalar reference otherwise), partial groups and
+    /// panels, one token (the decode kernel) and every tile size (13 = 8 + 5, 11 = 8 + 3, and the
+    /// tiles of ≤ 4 tokens, whose high nibbles take chains of their own), against f64 sums over
+    /// the dequantised weights (`check_rounded_for`: within `1e-5 · Σ|w·x̂|` of the exact product
+    /// with the `Q8_K`-rounded activations `x̂`, and within `Σ_super-blocks d_x/2 · Σ|w|` plus
+    /// `1e-5 · Σ|w·x|` of the product with the f32 activations). Random six-bit scales and mins
+    /// reach every block's top bits.
     #[test]
     fn every_isa_matches_f64_reference() {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(17);
-        // One token (the decode kernel) with partial groups and panels too; every tile size
-        // (13 = 8 + 5, 11 = 8 + 3, and the tiles of ≤ 4 tokens, whose high nibbles take chains
-        // of their own).
-        for &(rows, supers, n) in &[
-            (5usize, 1usize, 1usize),
-            (37, 2, 13),
-            (32, 1, 6),
-            (70, 3, 7),
-            (21, 1, 11),
-            (16, 1, 2),
-            (33, 1, 4),
-            (70, 3, 1),
-            (48, 2, 1),
-        ] {
-            let k = supers * QK_K;
-            let values: Vec<f32> = (0..rows * k).map(|_| rng.random_range(-1.0f32..1.0).powi(3)).collect();
-            let bytes = crate::quant::quantize(WeightFormat::Q4K, &values).unwrap();
-            let decoded: Vec<f64> = WeightMatrix::new(rows, k, WeightFormat::Q4K, ByteView::from_vec(bytes.clone()))
-                .unwrap()
-                .to_f32()
-                .iter()
-                .map(|&v| v as f64)
-                .collect();
-            let x = reference::activations(&mut rng, n, k);
-            for isa in Isa::available() {
-                // A fresh matrix per ISA, so that each builds the panels it keeps.
-                let w = WeightMatrix::new(rows, k, WeightFormat::Q4K, ByteView::from_vec(bytes.clone())).unwrap();
-                let mut out = vec![f32::NAN; n * rows];
-                gemm_q4k(isa, &x, &w, &mut out);
-                assert!(w.built_backend_copy::<Q4kPanels>().is_some());
-                reference::check_rounded_for(WeightFormat::Q4K, &out, &decoded, &x, rows, k, isa.name());
-            }
-        }
+        reference::check_kquant_gemm(
+            WeightFormat::Q4K,
+            17,
+            &[
+                (5, 1, 1),
+                (37, 2, 13),
+                (32, 1, 6),
+                (70, 3, 7),
+                (21, 1, 11),
+                (16, 1, 2),
+                (33, 1, 4),
+                (70, 3, 1),
+                (48, 2, 1),
+            ],
+            gemm_q4k,
+            |w| w.built_backend_copy::<Q4kPanels>().is_some(),
+        );
     }
 }

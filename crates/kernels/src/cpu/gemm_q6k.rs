@@ -27,7 +27,7 @@ use std::cell::RefCell;
 
 use super::dot::Isa;
 use super::int8_pack::Q8kTokens;
-use super::pack::{for_each_panel, tiles, AlignedBuf, PANEL_ROWS};
+use super::pack::{for_each_group_tile, AlignedBuf, PANEL_ROWS};
 use super::pool::{self, DisjointChunks};
 use super::SharedMut;
 use crate::dtype::{f16_to_f32, WeightFormat};
@@ -173,26 +173,18 @@ pub fn gemm_q6k(isa: Isa, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
         tokens.prepare(WeightFormat::Q6K, x, k, ZERO);
         let tokens = &*tokens;
         let dst = SharedMut::new(out);
-        for_each_panel(rows.div_ceil(PANEL_ROWS), |p| {
-            for group in 0..2 {
-                let first = p * PANEL_ROWS + 16 * group;
-                if first >= rows {
-                    break;
-                }
-                for (t, size) in tiles(n, TILE_TOKENS) {
-                    let tile = Tile {
-                        panel: panels.panel(p),
-                        group,
-                        tokens,
-                        first_token: t,
-                        out: dst,
-                        out_at: t * rows + first,
-                        out_stride: rows,
-                        count: 16.min(rows - first),
-                    };
-                    tile.run(fast, size);
-                }
-            }
+        for_each_group_tile(rows, n, TILE_TOKENS, |at| {
+            let tile = Tile {
+                panel: panels.panel(at.panel),
+                group: at.group,
+                tokens,
+                first_token: at.first_token,
+                out: dst,
+                out_at: at.first_token * rows + at.first_row,
+                out_stride: rows,
+                count: at.count,
+            };
+            tile.run(fast, at.tokens);
         });
     });
 }
@@ -363,48 +355,30 @@ mod x86 {
 mod tests {
     use super::*;
     use crate::cpu::int8_pack::reference;
-    use crate::weight::ByteView;
-    use rand::{Rng, SeedableRng};
 
     /// Every ISA (VNNI where available, the scalar reference otherwise), partial groups and
     /// panels, every tile size (1 to 8 tokens, and 13 = 8 + 5), against f64 sums over the
-    /// dequantised weights: within `1e-5 · Σ|w·x̂|` of the exact product with the `Q8_K`-rounded
-    /// activations `x̂`, and within `Σ_super-blocks d_x/2 · Σ|w|` (plus `1e-5 · Σ|w·x|`) of the
-    /// product with the f32 activations. Random weights give negative scales and every top-bit
-    /// pattern.
+    /// dequantised weights (`check_rounded_for`, as `gemm_q4k`'s test). Random weights give
+    /// negative scales and every top-bit pattern.
     #[test]
     fn every_isa_matches_f64_reference() {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(19);
-        for &(rows, supers, n) in &[
-            (5usize, 1usize, 1usize),
-            (48, 2, 1),
-            (70, 3, 1),
-            (37, 2, 13),
-            (16, 1, 2),
-            (33, 1, 3),
-            (21, 2, 4),
-            (32, 1, 6),
-            (70, 3, 7),
-            (17, 1, 8),
-        ] {
-            let k = supers * QK_K;
-            let values: Vec<f32> = (0..rows * k).map(|_| rng.random_range(-1.0f32..1.0).powi(3)).collect();
-            let bytes = crate::quant::quantize(WeightFormat::Q6K, &values).unwrap();
-            let decoded: Vec<f64> = WeightMatrix::new(rows, k, WeightFormat::Q6K, ByteView::from_vec(bytes.clone()))
-                .unwrap()
-                .to_f32()
-                .iter()
-                .map(|&v| v as f64)
-                .collect();
-            let x = reference::activations(&mut rng, n, k);
-            for isa in Isa::available() {
-                // A fresh matrix per ISA, so that each builds the panels it keeps.
-                let w = WeightMatrix::new(rows, k, WeightFormat::Q6K, ByteView::from_vec(bytes.clone())).unwrap();
-                let mut out = vec![f32::NAN; n * rows];
-                gemm_q6k(isa, &x, &w, &mut out);
-                assert!(w.built_backend_copy::<Q6kPanels>().is_some());
-                reference::check_rounded_for(WeightFormat::Q6K, &out, &decoded, &x, rows, k, isa.name());
-            }
-        }
+        reference::check_kquant_gemm(
+            WeightFormat::Q6K,
+            19,
+            &[
+                (5, 1, 1),
+                (48, 2, 1),
+                (70, 3, 1),
+                (37, 2, 13),
+                (16, 1, 2),
+                (33, 1, 3),
+                (21, 2, 4),
+                (32, 1, 6),
+                (70, 3, 7),
+                (17, 1, 8),
+            ],
+            gemm_q6k,
+            |w| w.built_backend_copy::<Q6kPanels>().is_some(),
+        );
     }
 }

@@ -278,10 +278,41 @@ impl Token<'_> {
 /// The integer GEMMs' shared test reference (`gemm_int8.rs`, `gemm_q4k.rs`).
 #[cfg(test)]
 pub(crate) mod reference {
-    use rand::Rng;
+    use rand::{Rng, SeedableRng};
 
+    use crate::cpu::dot::Isa;
     use crate::dtype::WeightFormat;
-    use crate::quant::PreparedActivations;
+    use crate::quant::{PreparedActivations, QK_K};
+    use crate::weight::{ByteView, WeightMatrix};
+
+    /// A k-quant panel GEMM (`gemm_q4k`, `gemm_q6k`) on every ISA: per `(rows, super-blocks, n)`
+    /// case, random weights quantised to `format` and [`activations`]; a fresh matrix per ISA
+    /// (so that each builds the panels it keeps, which `kept` must then find), its outputs held
+    /// to [`check_rounded_for`] with the `Q8_K` rounding of `format`.
+    pub(crate) fn check_kquant_gemm(
+        format: WeightFormat,
+        seed: u64,
+        cases: &[(usize, usize, usize)],
+        gemm: fn(Isa, &[f32], &WeightMatrix, &mut [f32]),
+        kept: fn(&WeightMatrix) -> bool,
+    ) {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        for &(rows, supers, n) in cases {
+            let k = supers * QK_K;
+            let values: Vec<f32> = (0..rows * k).map(|_| rng.random_range(-1.0f32..1.0).powi(3)).collect();
+            let bytes = crate::quant::quantize(format, &values).unwrap();
+            let matrix = || WeightMatrix::new(rows, k, format, ByteView::from_vec(bytes.clone())).unwrap();
+            let decoded: Vec<f64> = matrix().to_f32().iter().map(|&v| v as f64).collect();
+            let x = activations(&mut rng, n, k);
+            for isa in Isa::available() {
+                let w = matrix();
+                let mut out = vec![f32::NAN; n * rows];
+                gemm(isa, &x, &w, &mut out);
+                assert!(kept(&w), "{format:?}: the panels are kept");
+                check_rounded_for(format, &out, &decoded, &x, rows, k, isa.name());
+            }
+        }
+    }
 
     /// `n × k` activations: zero blocks and outliers next to ordinary values.
     pub(crate) fn activations(rng: &mut impl Rng, n: usize, k: usize) -> Vec<f32> {

@@ -1,5 +1,5 @@
 //! Shared pieces of the packed GEMMs (`gemm_bf16.rs`, `gemm_fp8.rs`, `gemm_int8.rs`,
-//! `gemm_q4k.rs`): a 64-byte aligned scratch buffer, the dword transpose that packs 16 weight rows
+//! `gemm_q4k.rs`, `gemm_q6k.rs`): a 64-byte aligned scratch buffer, the dword transpose that packs 16 weight rows
 //! into the layout their micro-kernels read — one 64-byte vector per 4 bytes of `k`, holding those
 //! 4 bytes of all 16 rows (BF16: one pair of weights per row; FP8 and int8: four), so that one
 //! load feeds 16 output rows and a token's matching 4 bytes are broadcast against it — the
@@ -56,6 +56,42 @@ pub(crate) fn for_each_panel_with<S: Default>(count: usize, panel: impl Fn(&mut 
         let mut scratch = S::default();
         for p in task * per_task..((task + 1) * per_task).min(count) {
             panel(&mut scratch, p);
+        }
+    });
+}
+
+/// One tile of the k-quant GEMMs (`gemm_q4k.rs`, `gemm_q6k.rs`): 16-row group `group` of panel
+/// `panel` (output rows `first_row..first_row + count`) against tokens
+/// `first_token..first_token + tokens`.
+#[derive(Clone, Copy)]
+pub(crate) struct GroupTile {
+    pub(crate) panel: usize,
+    pub(crate) group: usize,
+    pub(crate) first_row: usize,
+    pub(crate) count: usize,
+    pub(crate) first_token: usize,
+    pub(crate) tokens: usize,
+}
+
+/// Runs `tile` for every [`GroupTile`] of a `rows`-row matrix and `n` tokens, at most
+/// `tile_tokens` tokens per tile, the panels spread over the thread pool.
+pub(crate) fn for_each_group_tile(rows: usize, n: usize, tile_tokens: usize, tile: impl Fn(GroupTile) + Sync) {
+    for_each_panel(rows.div_ceil(PANEL_ROWS), |panel| {
+        for group in 0..2 {
+            let first_row = panel * PANEL_ROWS + 16 * group;
+            if first_row >= rows {
+                break;
+            }
+            for (first_token, tokens) in tiles(n, tile_tokens) {
+                tile(GroupTile {
+                    panel,
+                    group,
+                    first_row,
+                    count: 16.min(rows - first_row),
+                    first_token,
+                    tokens,
+                });
+            }
         }
     });
 }
