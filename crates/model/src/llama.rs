@@ -8,7 +8,9 @@ use serde::Deserialize;
 
 use crate::config::ModelDir;
 use crate::error::Result;
-use crate::model::{add_bias, embed_batch, ensure, project_logits, Batch, CausalLm, ModelInfo, ModelSummary};
+use crate::model::{
+    add_bias, bulk_format, embed_batch, ensure, project_logits, Batch, CausalLm, ModelInfo, ModelSummary,
+};
 use crate::weights::WeightStore;
 
 fn default_max_positions() -> usize {
@@ -210,6 +212,16 @@ pub fn load(dir: &ModelDir, store: &WeightStore, backend: Arc<dyn Backend>) -> R
     }))
 }
 
+impl Llama {
+    /// Every layer's matrices: what one token reads besides the output matrix and its embedding row.
+    fn layer_matrices(&self) -> impl Iterator<Item = &WeightMatrix> {
+        self.layers.iter().flat_map(|l| {
+            let a = &l.attn;
+            [&a.q, &a.k, &a.v, &a.o, &l.gate, &l.up, &l.down]
+        })
+    }
+}
+
 impl CausalLm for Llama {
     fn info(&self) -> &ModelInfo {
         &self.info
@@ -220,25 +232,12 @@ impl CausalLm for Llama {
     }
 
     fn weight_bytes_per_token(&self) -> u64 {
-        let layers: usize = self
-            .layers
-            .iter()
-            .map(|l| {
-                let a = &l.attn;
-                [&a.q, &a.k, &a.v, &a.o, &l.gate, &l.up, &l.down]
-                    .iter()
-                    .map(|m| m.stored_bytes())
-                    .sum::<usize>()
-            })
-            .sum();
+        let layers: usize = self.layer_matrices().map(WeightMatrix::stored_bytes).sum();
         (layers + self.lm_head.stored_bytes() + self.embed.stored_row_bytes()) as u64
     }
 
     fn weight_format(&self) -> &'static str {
-        self.layers
-            .first()
-            .map_or(self.lm_head.format(), |l| l.down.format())
-            .name()
+        bulk_format(self.layer_matrices().chain([&self.lm_head]))
     }
 
     fn forward(&self, batch: &Batch, cache: &mut PagedKvCache, logits: &mut Vec<f32>) -> Result<()> {

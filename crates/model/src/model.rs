@@ -128,7 +128,8 @@ pub trait CausalLm: Send + Sync {
     /// experts it is routed to) plus one embedding row. The decode roofline is bandwidth / this.
     fn weight_bytes_per_token(&self) -> u64;
 
-    /// The format of the bulk of the weights, as `bench` reports it (e.g. `BF16`).
+    /// The format of the bulk of the weights, as `bench` reports it (e.g. `BF16`; `Q4_K` for a
+    /// Q4_K_M file, whose output matrix and half its `ffn_down`s are `Q6_K`).
     fn weight_format(&self) -> &'static str;
 
     /// Has the backend prepare the weights a short warm-up prompt does not reach (MoE experts it
@@ -234,5 +235,50 @@ pub(crate) fn ensure(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
 pub(crate) fn add_bias(backend: &dyn Backend, x: &mut [f32], bias: &[f32]) {
     for row in x.chunks_exact_mut(bias.len()) {
         backend.add_assign(row, bias);
+    }
+}
+
+/// The format holding the most stored bytes among `matrices` (the first such one on a tie; `F32`
+/// for none): the bulk of a mixed file such as Q4_K_M.
+pub(crate) fn bulk_format<'a>(matrices: impl IntoIterator<Item = &'a WeightMatrix>) -> &'static str {
+    let mut bytes: Vec<(&'static str, usize)> = Vec::new();
+    for m in matrices {
+        let name = m.format().name();
+        match bytes.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, b)) => *b += m.stored_bytes(),
+            None => bytes.push((name, m.stored_bytes())),
+        }
+    }
+    bytes
+        .iter()
+        .fold(None, |best: Option<(&'static str, usize)>, &(n, b)| match best {
+            Some((_, most)) if most >= b => best,
+            _ => Some((n, b)),
+        })
+        .map_or("F32", |(n, _)| n)
+}
+
+#[cfg(test)]
+mod tests {
+    use r1serve_kernels::{ByteView, WeightFormat};
+
+    use super::*;
+
+    fn matrix(rows: usize, format: WeightFormat) -> WeightMatrix {
+        let values = vec![0.5f32; rows * 256];
+        let bytes = r1serve_kernels::quant::quantize(format, &values).unwrap();
+        WeightMatrix::new(rows, 256, format, ByteView::from_vec(bytes)).unwrap()
+    }
+
+    /// A Q4_K_M-like mix is named by its `Q4_K` bulk even when a `Q6_K` matrix comes first; the
+    /// larger share wins whatever the order; no matrices reads as F32.
+    #[test]
+    fn bulk_format_counts_bytes() {
+        let (q6, q4) = (matrix(4, WeightFormat::Q6K), matrix(8, WeightFormat::Q4K));
+        assert!(q4.stored_bytes() > q6.stored_bytes());
+        assert_eq!(bulk_format([&q6, &q4]), "Q4_K");
+        let more_q6 = matrix(16, WeightFormat::Q6K);
+        assert_eq!(bulk_format([&q4, &q6, &more_q6]), "Q6_K");
+        assert_eq!(bulk_format(std::iter::empty()), "F32");
     }
 }
