@@ -96,9 +96,13 @@ pub struct MlaScratch {
 }
 
 impl Mla {
-    /// The format the layer's projections are stored in.
-    pub fn output_format(&self) -> r1serve_kernels::WeightFormat {
-        self.o.format()
+    /// The projections as stored (not the absorbed per-head matrices decoded from `kv_b_proj`).
+    pub fn stored_matrices(&self) -> impl Iterator<Item = &WeightMatrix> {
+        let q: Vec<&WeightMatrix> = match &self.q {
+            QueryProj::LowRank { a, b, .. } => vec![a, b],
+            QueryProj::Full(q) => vec![q],
+        };
+        q.into_iter().chain([&self.kv_a, &self.o])
     }
 
     /// Weight bytes one token's attention reads (the absorbed per-head matrices as kept, f32).

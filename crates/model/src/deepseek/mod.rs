@@ -22,7 +22,7 @@ use r1serve_kernels::{Backend, PagedKvCache, RopeScaling, RopeStyle, RopeTable, 
 
 use crate::config::ModelDir;
 use crate::error::Result;
-use crate::model::{embed_batch, ensure, project_logits, Batch, CausalLm, ModelInfo, ModelSummary};
+use crate::model::{bulk_format, embed_batch, ensure, project_logits, Batch, CausalLm, ModelInfo, ModelSummary};
 use crate::weights::WeightStore;
 use config::DeepseekConfig;
 use mla::{Mla, MlaScratch, MlaShape};
@@ -184,10 +184,14 @@ impl CausalLm for Deepseek {
     }
 
     fn weight_format(&self) -> &'static str {
-        self.layers
-            .first()
-            .map_or(self.lm_head.format(), |l| l.attn.output_format())
-            .name()
+        let layers = self.layers.iter().flat_map(|l| {
+            let ffn: Box<dyn Iterator<Item = &WeightMatrix>> = match &l.ffn {
+                FeedForward::Dense(mlp) => Box::new(mlp.matrices()),
+                FeedForward::Moe(moe) => Box::new(moe.matrices()),
+            };
+            l.attn.stored_matrices().chain(ffn)
+        });
+        bulk_format(layers.chain([&self.lm_head]))
     }
 
     fn kv_entry_widths(&self) -> Vec<usize> {

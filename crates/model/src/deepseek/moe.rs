@@ -28,6 +28,10 @@ pub struct MlpScratch {
 }
 
 impl Mlp {
+    pub fn matrices(&self) -> impl Iterator<Item = &WeightMatrix> {
+        [&self.gate, &self.up, &self.down].into_iter()
+    }
+
     /// See `CausalLm::prepare_weights`.
     pub fn prepare(&self, be: &dyn Backend) {
         for w in [&self.gate, &self.up, &self.down] {
@@ -91,6 +95,13 @@ pub struct MoeScratch {
 }
 
 impl Moe {
+    /// The router's, the shared experts' and every routed expert's matrices.
+    pub fn matrices(&self) -> impl Iterator<Item = &WeightMatrix> {
+        std::iter::once(&self.router)
+            .chain(self.shared.iter().flat_map(Mlp::matrices))
+            .chain(self.experts.iter().flat_map(Mlp::matrices))
+    }
+
     /// The routed experts (see `CausalLm::prepare_weights`).
     pub fn prepare(&self, be: &dyn Backend) {
         for expert in &self.experts {
