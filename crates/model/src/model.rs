@@ -250,12 +250,9 @@ pub(crate) fn bulk_format<'a>(matrices: impl IntoIterator<Item = &'a WeightMatri
         }
     }
     bytes
-        .iter()
-        .fold(None, |best: Option<(&'static str, usize)>, &(n, b)| match best {
-            Some((_, most)) if most >= b => best,
-            _ => Some((n, b)),
-        })
-        .map_or("F32", |(n, _)| n)
+        .into_iter()
+        .reduce(|best, next| if next.1 > best.1 { next } else { best })
+        .map_or("F32", |(name, _)| name)
 }
 
 #[cfg(test)]

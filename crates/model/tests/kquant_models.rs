@@ -43,31 +43,42 @@ fn load(dir: &std::path::Path, quant: Option<WeightFormat>) -> Box<dyn CausalLm>
     .unwrap()
 }
 
+/// One sequence's KV cache, room for the prompt and the decoded tokens.
+struct Sequence {
+    cache: PagedKvCache,
+    table: Vec<u32>,
+}
+
+impl Sequence {
+    fn new(model: &dyn CausalLm) -> Self {
+        let blocks = (PROMPT.len() + DECODED.len()).div_ceil(4) + 1;
+        Self {
+            cache: PagedKvCache::new(4, blocks, &model.kv_entry_widths()),
+            table: (0..blocks as u32).collect(),
+        }
+    }
+
+    /// Runs `tokens` at `start_pos` and returns the logits `logits` asks for.
+    fn forward(&mut self, model: &dyn CausalLm, tokens: &[u32], start_pos: usize, logits: LogitsWanted) -> Vec<f32> {
+        let seq = SeqInput {
+            tokens,
+            start_pos,
+            block_table: &self.table,
+            logits,
+        };
+        let mut out = Vec::new();
+        model.forward(&Batch::single(seq), &mut self.cache, &mut out).unwrap();
+        out
+    }
+}
+
 /// Logits of every prompt position (one prefill), then of each decoded token fed one at a time
 /// through the KV cache; `[prompt + decoded, vocab]`.
 fn prefill_then_decode(model: &dyn CausalLm) -> Vec<f32> {
-    let blocks = (PROMPT.len() + DECODED.len()).div_ceil(4) + 1;
-    let mut cache = PagedKvCache::new(4, blocks, &model.kv_entry_widths());
-    let table: Vec<u32> = (0..blocks as u32).collect();
-    let mut all = Vec::new();
-    let mut out = Vec::new();
-    let seq = SeqInput {
-        tokens: &PROMPT,
-        start_pos: 0,
-        block_table: &table,
-        logits: LogitsWanted::All,
-    };
-    model.forward(&Batch::single(seq), &mut cache, &mut out).unwrap();
-    all.extend_from_slice(&out);
+    let mut sequence = Sequence::new(model);
+    let mut all = sequence.forward(model, &PROMPT, 0, LogitsWanted::All);
     for (i, token) in DECODED.iter().enumerate() {
-        let seq = SeqInput {
-            tokens: std::slice::from_ref(token),
-            start_pos: PROMPT.len() + i,
-            block_table: &table,
-            logits: LogitsWanted::Last,
-        };
-        model.forward(&Batch::single(seq), &mut cache, &mut out).unwrap();
-        all.extend_from_slice(&out);
+        all.extend(sequence.forward(model, std::slice::from_ref(token), PROMPT.len() + i, LogitsWanted::Last));
     }
     all
 }
@@ -75,18 +86,7 @@ fn prefill_then_decode(model: &dyn CausalLm) -> Vec<f32> {
 /// The same positions in one prefill of prompt + decoded tokens.
 fn recomputed(model: &dyn CausalLm) -> Vec<f32> {
     let tokens: Vec<u32> = PROMPT.iter().chain(&DECODED).copied().collect();
-    let blocks = tokens.len().div_ceil(4) + 1;
-    let mut cache = PagedKvCache::new(4, blocks, &model.kv_entry_widths());
-    let table: Vec<u32> = (0..blocks as u32).collect();
-    let mut out = Vec::new();
-    let seq = SeqInput {
-        tokens: &tokens,
-        start_pos: 0,
-        block_table: &table,
-        logits: LogitsWanted::All,
-    };
-    model.forward(&Batch::single(seq), &mut cache, &mut out).unwrap();
-    out
+    Sequence::new(model).forward(model, &tokens, 0, LogitsWanted::All)
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {

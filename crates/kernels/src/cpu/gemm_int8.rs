@@ -372,7 +372,6 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{Scales, Tile};
-    use crate::cpu::pack::add_block;
 
     /// `T` tokens × 32 rows, blocks of `BK` values, with or without offsets, scales as f32 or
     /// (`HALF`) f16.
@@ -429,7 +428,18 @@ mod x86 {
                 } else {
                     [_mm512_setzero_ps(); 2]
                 };
-                add_block::<T, 2, OFFSETS>(&mut acc, &sums, scales, offsets, dx.add(b), dxs.add(b), blocks);
+                for (t, (acc, sums)) in acc.iter_mut().zip(&sums).enumerate() {
+                    let d = _mm512_set1_ps(*dx.add(t * blocks + b));
+                    for g in 0..2 {
+                        acc[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[g]), _mm512_mul_ps(scales[g], d), acc[g]);
+                    }
+                    if OFFSETS {
+                        let m = _mm512_set1_ps(*dxs.add(t * blocks + b));
+                        for g in 0..2 {
+                            acc[g] = _mm512_fmadd_ps(offsets[g], m, acc[g]);
+                        }
+                    }
+                }
             }
         }
         // SAFETY: AVX-512F is enabled here; the caller owns outputs `out_at + t·stride + r`.

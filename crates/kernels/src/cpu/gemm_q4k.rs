@@ -33,11 +33,10 @@ use std::cell::RefCell;
 
 use super::dot::Isa;
 use super::int8_pack::Q8kTokens;
-use super::pack::{for_each_group_tile, for_each_panel, AlignedBuf, PANEL_ROWS};
+use super::pack::{for_each_group_tile, for_each_kquant_tile, AlignedBuf, KquantTile, PANEL_ROWS};
 use super::pool::{self, DisjointChunks};
 use super::SharedMut;
 use crate::dtype::{f16_to_f32, WeightFormat};
-use crate::quant::PreparedActivations;
 use crate::quant::{q4_k, QK, QK_K};
 use crate::weight::WeightMatrix;
 
@@ -49,8 +48,6 @@ const TILE_TOKENS: usize = 8;
 
 thread_local! {
     static TOKENS: RefCell<Q8kTokens> = RefCell::new(Q8kTokens::default());
-    /// One token as `Q8_K`, and `Σq` of each 32 of its values (for the mins).
-    static TOKEN: RefCell<(PreparedActivations, Vec<i32>)> = RefCell::new(Default::default());
 }
 
 /// Whether this kernel runs on `isa` with its integer instructions (AVX512-VNNI).
@@ -213,8 +210,8 @@ pub(crate) fn prepare(w: &WeightMatrix) {
     w.backend_copy(|| Q4kPanels::build(w));
 }
 
-/// `out[n, rows] = x[n, cols] · wᵀ` for `Q4_K` `w`, activations rounded to 8 bits per 32 values.
-/// The first call builds the panels and keeps them with `w`. `isa` must be one of
+/// `out[n, rows] = x[n, cols] · wᵀ` for `Q4_K` `w`, activations rounded as `Q8_K` (8 bits per
+/// 256 values). The first call builds the panels and keeps them with `w`. `isa` must be one of
 /// [`Isa::available`]; the VNNI kernel runs when [`available`] says so, the scalar reference
 /// kernel otherwise.
 pub fn gemm_q4k(isa: Isa, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
@@ -224,92 +221,68 @@ pub fn gemm_q4k(isa: Isa, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
     assert_eq!(out.len(), n * rows, "gemm output must be [n, rows]");
     let fast = available(isa);
     let panels = w.backend_copy(|| Q4kPanels::build(w));
-    if n == 1 {
-        return gemv_q4k(fast, panels, x, rows, out);
-    }
     TOKENS.with_borrow_mut(|tokens| {
-        tokens.prepare(WeightFormat::Q4K, x, k, 0);
+        tokens.prepare(WeightFormat::Q4K, x, k);
         let tokens = &*tokens;
         let dst = SharedMut::new(out);
-        for_each_group_tile(rows, n, TILE_TOKENS, |at| {
-            let tile = Tile {
-                panel: panels.panel(at.panel),
-                group: at.group,
-                tokens,
-                first_token: at.first_token,
-                out: dst,
-                out_at: at.first_token * rows + at.first_row,
-                out_stride: rows,
-                count: at.count,
-            };
-            tile.run(fast, at.tokens);
-        });
+        if n == 1 {
+            return gemv_q4k(fast, panels, tokens, rows, dst);
+        }
+        for_each_kquant_tile(
+            rows,
+            tokens,
+            TILE_TOKENS,
+            dst,
+            |p| panels.panel(p),
+            |tile| tile.run(fast),
+        );
     });
 }
 
-/// `out[rows] = w · x` for one token over `w`'s kept `panels` (see the module doc), with the VNNI
-/// kernel if `fast`: the activations rounded per 256 values as the row dots round them, so both
-/// give the same sums up to f32 summation order. Called by [`gemm_q4k`] for one token.
-fn gemv_q4k(fast: bool, panels: &Q4kPanels, x: &[f32], rows: usize, out: &mut [f32]) {
-    let (blocks, k) = (panels.blocks, x.len());
-    TOKEN.with_borrow_mut(|(token, block_sums)| {
-        token.prepare(WeightFormat::Q4K, x);
-        assert!(
-            token.fits(WeightFormat::Q4K, k) && token.bsums.len() == 2 * blocks && blocks * QK == k,
-            "Q4_K rows hold whole super-blocks"
-        );
-        block_sums.clear();
-        block_sums.extend(token.bsums.chunks_exact(2).map(|p| p[0] as i32 + p[1] as i32));
-        let (token, block_sums) = (&*token, &block_sums[..]);
-        let dst = SharedMut::new(out);
-        for_each_panel(rows.div_ceil(PANEL_ROWS), |p| {
-            let panel = panels.panel(p);
-            for g in 0..2 {
-                let first = p * PANEL_ROWS + 16 * g;
-                if first >= rows {
-                    break;
-                }
-                let count = 16.min(rows - first);
-                #[cfg(target_arch = "x86_64")]
-                if fast {
-                    // SAFETY: `fast` means AVX512-VNNI was detected; the panel holds both groups'
-                    // `blocks` blocks (asserted in `gemv_group`), and rows `first..first + count`
-                    // of the output belong to this panel's task alone.
-                    unsafe { x86::gemv_group(panel, g, blocks, token, block_sums, dst.ptr().add(first), count) };
-                    continue;
-                }
-                let _ = fast;
-                for i in 0..count {
-                    let value = gemv_row_scalar(panel, g, i, blocks, token, block_sums);
-                    // SAFETY: row `first + i < rows` belongs to this panel's task alone.
-                    unsafe { dst.write(first + i, value) };
-                }
-            }
-        });
+/// `out[rows] = w · x` for one token (`token`, prepared) over `w`'s kept `panels` (see the module
+/// doc), with the VNNI kernel if `fast`: the activations rounded per 256 values as the row dots
+/// round them, so both give the same sums up to f32 summation order. Called by [`gemm_q4k`] for
+/// one token.
+fn gemv_q4k(fast: bool, panels: &Q4kPanels, token: &Q8kTokens, rows: usize, out: SharedMut) {
+    let blocks = panels.blocks;
+    assert!(
+        token.blocks == blocks && token.qx.len() == blocks * QK && token.block_sums.len() == blocks,
+        "one token of the matrix's width"
+    );
+    for_each_group_tile(rows, 1, 1, |at| {
+        let panel = panels.panel(at.panel);
+        #[cfg(target_arch = "x86_64")]
+        if fast {
+            // SAFETY: `fast` means AVX512-VNNI was detected; the panel holds both groups' `blocks`
+            // blocks (asserted in `gemv_group`), and rows `first_row..first_row + count` of the
+            // output belong to this tile alone.
+            unsafe { x86::gemv_group(panel, at.group, token, out.ptr().add(at.first_row), at.count) };
+            return;
+        }
+        let _ = fast;
+        for i in 0..at.count {
+            let value = gemv_row_scalar(panel, at.group, i, token);
+            // SAFETY: row `first_row + i < rows` belongs to this tile alone.
+            unsafe { out.write(at.first_row + i, value) };
+        }
     });
 }
 
 /// The scalar reference of the one-token kernel: row `i` of group `g`.
-fn gemv_row_scalar(
-    panel: PanelRef<'_>,
-    g: usize,
-    i: usize,
-    blocks: usize,
-    token: &PreparedActivations,
-    block_sums: &[i32],
-) -> f32 {
+fn gemv_row_scalar(panel: PanelRef<'_>, g: usize, i: usize, token: &Q8kTokens) -> f32 {
+    let blocks = token.blocks;
     let supers = blocks / 8;
     let mut acc = 0.0f32;
     for s in 0..supers {
         let (mut sum, mut mins) = (0i32, 0i32);
-        for (b, &block_sum) in block_sums.iter().enumerate().skip(8 * s).take(8) {
+        for b in 8 * s..8 * s + 8 {
             let mut block = 0i32;
             for c in 0..QK {
-                block += panel.nibble(g, blocks, b, i, c) as i32 * token.qs[b * QK + c] as i32;
+                block += panel.nibble(g, blocks, b, i, c) as i32 * token.qx[b * QK + c] as i32;
             }
             let (scale, min) = panel.scale_min(g, blocks, b, i);
             sum += block * scale as i32;
-            mins += min as i32 * block_sum;
+            mins += min as i32 * token.block_sums[b] as i32;
         }
         let (d, dmin) = panel.super_scales(g, supers, s, i);
         acc += sum as f32 * (d * token.d[s]) + mins as f32 * (dmin * token.d[s]);
@@ -317,34 +290,17 @@ fn gemv_row_scalar(
     acc
 }
 
-/// A tile of tokens against one 16-row group of a panel, written to
-/// `out[out_at + t·out_stride + r]` for `r < count`.
-struct Tile<'a> {
-    panel: PanelRef<'a>,
-    /// The panel's 16-row group (0 or 1).
-    group: usize,
-    tokens: &'a Q8kTokens,
-    first_token: usize,
-    out: SharedMut,
-    out_at: usize,
-    out_stride: usize,
-    count: usize,
-}
+/// A tile of this GEMM: see [`KquantTile`].
+type Tile<'a> = KquantTile<'a, PanelRef<'a>>;
 
 impl Tile<'_> {
-    fn run(&self, fast: bool, size: usize) {
+    fn run(&self, fast: bool) {
+        let (size, g, count) = (self.at.tokens, self.at.group, self.at.count);
         let (k, blocks) = (self.tokens.k, self.tokens.blocks);
-        let last = self.first_token + size;
+        let first = self.at.first_token;
+        let last = first + size;
         let panel = self.panel;
-        assert!(
-            panel.holds(blocks)
-                && blocks * QK == k
-                && self.tokens.qx.len() >= last * k
-                && self.tokens.d.len() >= last * (blocks / 8)
-                && self.tokens.block_sums.len() >= last * blocks
-                && self.group < 2
-                && self.count <= 16
-        );
+        assert!(self.in_bounds() && panel.holds(blocks) && self.tokens.block_sums.len() >= last * blocks);
         #[cfg(target_arch = "x86_64")]
         if fast {
             macro_rules! dispatch {
@@ -363,9 +319,8 @@ impl Tile<'_> {
         let _ = fast;
         let tokens = self.tokens;
         let supers = blocks / 8;
-        let g = self.group;
-        for t in self.first_token..last {
-            for i in 0..self.count {
+        for t in first..last {
+            for i in 0..count {
                 let mut acc = 0.0f32;
                 for s in 0..supers {
                     let (d, dmin) = panel.super_scales(g, supers, s, i);
@@ -382,10 +337,7 @@ impl Tile<'_> {
                     acc += acc_super * tokens.d[t * supers + s];
                 }
                 // SAFETY: the caller owns rows `..count` of this tile's tokens in the output.
-                unsafe {
-                    self.out
-                        .write(self.out_at + (t - self.first_token) * self.out_stride + i, acc)
-                };
+                unsafe { self.out.write(self.out_index(t, i), acc) };
             }
         }
     }
@@ -396,34 +348,29 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{PanelRef, Tile};
-    use crate::quant::{PreparedActivations, QK};
+    use crate::cpu::int8_pack::Q8kTokens;
+    use crate::quant::QK;
 
     /// Rows `16·g..16·g + count` of `panel` times one `Q8_K` token, stored at `out`: see
     /// `gemv_q4k`. Per 32-value block, four 64-byte loads give eight `vpdpbusd` (low and high
     /// nibbles into two chains); the block's i32 sum is scaled by its sub-block scales with
     /// `vpmulld` (|sum| ≤ 32·15·128, times a scale < 64, eight blocks: below 2³¹) and the mins'
-    /// term likewise, and each super-block converts to f32 once.
+    /// term likewise (the block sums, small integers, are exact in f32), and each super-block
+    /// converts to f32 once.
     ///
     /// # Safety
     /// AVX512-F/BW/VL/VNNI must be available and `out..out + count` writable by this caller alone.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub(super) unsafe fn gemv_group(
-        panel: PanelRef<'_>,
-        g: usize,
-        blocks: usize,
-        token: &PreparedActivations,
-        block_sums: &[i32],
-        out: *mut f32,
-        count: usize,
-    ) {
+    pub(super) unsafe fn gemv_group(panel: PanelRef<'_>, g: usize, token: &Q8kTokens, out: *mut f32, count: usize) {
+        let blocks = token.blocks;
         let supers = blocks / 8;
         assert!(
             g < 2
                 && count <= 16
                 && panel.holds(blocks)
-                && token.qs.len() >= blocks * QK
+                && token.qx.len() >= blocks * QK
                 && token.d.len() >= supers
-                && block_sums.len() >= blocks
+                && token.block_sums.len() >= blocks
         );
         // SAFETY: every offset below stays inside the lengths asserted above.
         unsafe {
@@ -434,13 +381,13 @@ mod x86 {
                 panel.d.as_ptr().add(g * supers * 16),
                 panel.dmin.as_ptr().add(g * supers * 16),
             );
-            let qx = token.qs.as_ptr();
+            let qx = token.qx.as_ptr();
             let low = _mm512_set1_epi8(0x0f);
             let mut acc = _mm512_setzero_ps();
             for s in 0..supers {
                 let (mut sum, mut mins) = (_mm512_setzero_si512(), _mm512_setzero_si512());
                 let mut high = SuperBlockHighBits::load(high.add(16 * s));
-                for (b, &block_sum) in block_sums.iter().enumerate().skip(8 * s).take(8) {
+                for b in 8 * s..8 * s + 8 {
                     let (mut lo, mut hi) = (_mm512_setzero_si512(), _mm512_setzero_si512());
                     for v in 0..4 {
                         let w = _mm512_loadu_si512(q.add((4 * b + v) * 64) as *const _);
@@ -452,7 +399,8 @@ mod x86 {
                     }
                     let (block_scales, block_mins) = high.next_block(scales.add(16 * b));
                     sum = _mm512_add_epi32(sum, _mm512_mullo_epi32(_mm512_add_epi32(lo, hi), block_scales));
-                    mins = _mm512_add_epi32(mins, _mm512_mullo_epi32(block_mins, _mm512_set1_epi32(block_sum)));
+                    let block_sum = _mm512_set1_epi32(token.block_sums[b] as i32);
+                    mins = _mm512_add_epi32(mins, _mm512_mullo_epi32(block_mins, block_sum));
                 }
                 let dx = _mm512_set1_ps(token.d[s]);
                 acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(half16(d.add(16 * s)), dx), acc);
@@ -529,7 +477,7 @@ mod x86 {
     pub(super) unsafe fn tile<const T: usize>(tile: &Tile<'_>) {
         let (k, blocks) = (tile.tokens.k, tile.tokens.blocks);
         let supers = blocks / 8;
-        let (p, g) = (tile.panel, tile.group);
+        let (p, g) = (tile.panel, tile.at.group);
         let q = (p.q.as_ptr() as *const u8).wrapping_add(g * blocks * 4 * 64);
         let scales = p.scales.as_ptr().wrapping_add(g * blocks * 16);
         let high = p.high.as_ptr().wrapping_add(g * supers * 16);
@@ -537,7 +485,7 @@ mod x86 {
             p.d.as_ptr().wrapping_add(g * supers * 16),
             p.dmin.as_ptr().wrapping_add(g * supers * 16),
         );
-        let t0 = tile.first_token;
+        let t0 = tile.at.first_token;
         let qx = tile.tokens.qx.as_ptr().wrapping_add(t0 * k);
         let (dx, block_sums) = (
             tile.tokens.d.as_ptr().wrapping_add(t0 * supers),
@@ -594,7 +542,7 @@ mod x86 {
             }
         }
         // SAFETY: AVX-512F is enabled here; the caller owns outputs `out_at + t·stride + r`.
-        unsafe { crate::cpu::pack::store_tile(tile.out.ptr(), tile.out_at, tile.out_stride, tile.count, &acc) };
+        unsafe { crate::cpu::pack::store_tile(tile.out.ptr(), tile.out_index(t0, 0), tile.rows, tile.at.count, &acc) };
     }
 }
 

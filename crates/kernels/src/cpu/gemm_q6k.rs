@@ -27,7 +27,7 @@ use std::cell::RefCell;
 
 use super::dot::Isa;
 use super::int8_pack::Q8kTokens;
-use super::pack::{for_each_group_tile, AlignedBuf, PANEL_ROWS};
+use super::pack::{for_each_kquant_tile, AlignedBuf, KquantTile, PANEL_ROWS};
 use super::pool::{self, DisjointChunks};
 use super::SharedMut;
 use crate::dtype::{f16_to_f32, WeightFormat};
@@ -38,8 +38,6 @@ use crate::weight::WeightMatrix;
 const TILE_TOKENS: usize = 8;
 /// 64-byte vectors per block and group: four of nibbles, two of top bits.
 const BLOCK_VECTORS: usize = 6;
-/// The stored values' zero point.
-const ZERO: i32 = 32;
 
 thread_local! {
     static TOKENS: RefCell<Q8kTokens> = RefCell::new(Q8kTokens::default());
@@ -170,53 +168,31 @@ pub fn gemm_q6k(isa: Isa, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
     let fast = available(isa);
     let panels = w.backend_copy(|| Q6kPanels::build(w));
     TOKENS.with_borrow_mut(|tokens| {
-        tokens.prepare(WeightFormat::Q6K, x, k, ZERO);
+        tokens.prepare(WeightFormat::Q6K, x, k);
         let tokens = &*tokens;
         let dst = SharedMut::new(out);
-        for_each_group_tile(rows, n, TILE_TOKENS, |at| {
-            let tile = Tile {
-                panel: panels.panel(at.panel),
-                group: at.group,
-                tokens,
-                first_token: at.first_token,
-                out: dst,
-                out_at: at.first_token * rows + at.first_row,
-                out_stride: rows,
-                count: at.count,
-            };
-            tile.run(fast, at.tokens);
-        });
+        for_each_kquant_tile(
+            rows,
+            tokens,
+            TILE_TOKENS,
+            dst,
+            |p| panels.panel(p),
+            |tile| tile.run(fast),
+        );
     });
 }
 
-/// A tile of tokens against one 16-row group of a panel, written to
-/// `out[out_at + t·out_stride + r]` for `r < count`.
-struct Tile<'a> {
-    panel: PanelRef<'a>,
-    /// The panel's 16-row group (0 or 1).
-    group: usize,
-    tokens: &'a Q8kTokens,
-    first_token: usize,
-    out: SharedMut,
-    out_at: usize,
-    out_stride: usize,
-    count: usize,
-}
+/// A tile of this GEMM: see [`KquantTile`].
+type Tile<'a> = KquantTile<'a, PanelRef<'a>>;
 
 impl Tile<'_> {
-    fn run(&self, fast: bool, size: usize) {
+    fn run(&self, fast: bool) {
+        let (size, g, count) = (self.at.tokens, self.at.group, self.at.count);
         let (k, blocks) = (self.tokens.k, self.tokens.blocks);
-        let last = self.first_token + size;
+        let first = self.at.first_token;
+        let last = first + size;
         let panel = self.panel;
-        assert!(
-            panel.holds(blocks)
-                && blocks * QK == k
-                && self.tokens.qx.len() >= last * k
-                && self.tokens.d.len() >= last * (blocks / 8)
-                && self.tokens.offsets.len() >= last * 2 * blocks
-                && self.group < 2
-                && self.count <= 16
-        );
+        assert!(self.in_bounds() && panel.holds(blocks) && self.tokens.offsets.len() >= last * 2 * blocks);
         #[cfg(target_arch = "x86_64")]
         if fast {
             macro_rules! dispatch {
@@ -235,9 +211,8 @@ impl Tile<'_> {
         let _ = fast;
         let tokens = self.tokens;
         let supers = blocks / 8;
-        let g = self.group;
-        for t in self.first_token..last {
-            for i in 0..self.count {
+        for t in first..last {
+            for i in 0..count {
                 let mut acc = 0.0f32;
                 for s in 0..supers {
                     let d = f16_to_f32(panel.d[(g * supers + s) * 16 + i]);
@@ -254,10 +229,7 @@ impl Tile<'_> {
                     acc += acc_super * tokens.d[t * supers + s];
                 }
                 // SAFETY: the caller owns rows `..count` of this tile's tokens in the output.
-                unsafe {
-                    self.out
-                        .write(self.out_at + (t - self.first_token) * self.out_stride + i, acc)
-                };
+                unsafe { self.out.write(self.out_index(t, i), acc) };
             }
         }
     }
@@ -275,11 +247,11 @@ mod x86 {
     pub(super) unsafe fn tile<const T: usize>(tile: &Tile<'_>) {
         let (k, blocks) = (tile.tokens.k, tile.tokens.blocks);
         let supers = blocks / 8;
-        let (p, g) = (tile.panel, tile.group);
+        let (p, g) = (tile.panel, tile.at.group);
         let q = (p.q.as_ptr() as *const u8).wrapping_add(g * blocks * BLOCK_VECTORS * 64);
         let scales = p.scales.as_ptr().wrapping_add(g * blocks * 2 * 16);
         let d = p.d.as_ptr().wrapping_add(g * supers * 16);
-        let t0 = tile.first_token;
+        let t0 = tile.at.first_token;
         let qx = tile.tokens.qx.as_ptr().wrapping_add(t0 * k);
         let (dx, offsets) = (
             tile.tokens.d.as_ptr().wrapping_add(t0 * supers),
@@ -347,7 +319,7 @@ mod x86 {
             }
         }
         // SAFETY: AVX-512F is enabled here; the caller owns outputs `out_at + t·stride + r`.
-        unsafe { crate::cpu::pack::store_tile(tile.out.ptr(), tile.out_at, tile.out_stride, tile.count, &acc) };
+        unsafe { crate::cpu::pack::store_tile(tile.out.ptr(), tile.out_index(t0, 0), tile.rows, tile.at.count, &acc) };
     }
 }
 

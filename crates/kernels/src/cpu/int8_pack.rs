@@ -195,9 +195,10 @@ impl QuantTokens {
 
 /// A batch of tokens rounded as `Q8_K` (8 bits, one scale per 256 values, as the row dots and
 /// llama.cpp round them for the k-quants), laid out for the panel GEMMs of `Q4_K`
-/// (`gemm_q4k.rs`) and `Q6_K` (`gemm_q6k.rs`): the values `[n, k]`, the scales `[n, k/256]`,
-/// each 32 values' `Σq` as f32 `[n, k/32]` (`Q4_K`'s mins) and each 16 values' `−zero·Σq`
-/// `[n, k/16]` (where `Q6_K`'s sums start, its values being stored `+ 32`).
+/// (`gemm_q4k.rs`) and `Q6_K` (`gemm_q6k.rs`): the values `[n, k]` and the scales `[n, k/256]`;
+/// for `Q4_K` each 32 values' `Σq` as f32 `[n, k/32]` (its mins' term), for `Q6_K` each 16
+/// values' `−32·Σq` `[n, k/16]` (where its sums start: its values are stored `+ 32`, the zero
+/// point of [`block_and_zero`]).
 #[derive(Default)]
 pub(crate) struct Q8kTokens {
     pub(crate) k: usize,
@@ -211,9 +212,10 @@ pub(crate) struct Q8kTokens {
 }
 
 impl Q8kTokens {
-    /// Rounds `x` (`[n, k]`, `k` a multiple of 256) for `format`'s weights (a k-quant), tokens
-    /// spread over the thread pool.
-    pub(crate) fn prepare(&mut self, format: WeightFormat, x: &[f32], k: usize, zero: i32) {
+    /// Rounds `x` (`[n, k]`, `k` a multiple of 256) for `format`'s weights (`Q4_K` or `Q6_K`),
+    /// tokens spread over the thread pool.
+    pub(crate) fn prepare(&mut self, format: WeightFormat, x: &[f32], k: usize) {
+        let (_, zero) = block_and_zero(format).expect("k-quant weights");
         let n = x.len() / k;
         self.k = k;
         self.blocks = k / QK;
@@ -231,9 +233,13 @@ impl Q8kTokens {
             assert!(p.fits(format, k), "k-quant rows hold whole super-blocks");
             self.qx.extend_from_slice(&p.qs);
             self.d.extend_from_slice(&p.d);
-            self.block_sums
-                .extend(p.bsums.chunks_exact(2).map(|s| (s[0] as i32 + s[1] as i32) as f32));
-            self.offsets.extend(p.bsums.iter().map(|&s| -zero * s as i32));
+            if format == WeightFormat::Q4K {
+                self.block_sums
+                    .extend(p.bsums.chunks_exact(2).map(|s| (s[0] as i32 + s[1] as i32) as f32));
+            }
+            if zero != 0 {
+                self.offsets.extend(p.bsums.iter().map(|&s| -zero * s as i32));
+            }
         }
     }
 }

@@ -35,7 +35,7 @@ enum Path {
     /// The multi-token integer dots: each stored weight block decoded once for all tokens.
     Multi,
     /// A GEMM over packed panels: the one [`gemm_for`] names.
-    Gemm,
+    Gemm(Gemm),
 }
 
 /// The GEMM a matrix goes through when its path is [`Path::Gemm`]; with kept panels, the one
@@ -102,7 +102,8 @@ fn choose_path(w: &WeightMatrix, isa: Isa, n: usize, repack: bool) -> Path {
     if (2..=multi_max).contains(&n) && has_multi_kernel(isa, format) && cols.is_multiple_of(format.block_size()) {
         return Path::Multi;
     }
-    let gemm_min = match gemm_for(w, isa, repack) {
+    let gemm = gemm_for(w, isa, repack);
+    let gemm_min = match gemm {
         Gemm::Fp8 | Gemm::Q4k => 1,
         Gemm::Q6k => 2,
         Gemm::Int8 if repack && format == WeightFormat::Q8_0 => 1,
@@ -113,7 +114,7 @@ fn choose_path(w: &WeightMatrix, isa: Isa, n: usize, repack: bool) -> Path {
         _ => GEMM_MIN_TOKENS,
     };
     if n >= gemm_min {
-        Path::Gemm
+        Path::Gemm(gemm)
     } else {
         Path::Dots
     }
@@ -160,11 +161,11 @@ fn matmul_with(x: &[f32], w: &WeightMatrix, out: &mut [f32], precision: MatmulPr
     assert_eq!(out.len(), n * rows, "matmul output must be [n, rows]");
     let isa = isa();
     let mut path = choose_path(w, isa, n, repack);
-    if path == Path::Gemm && rows * cols * n < PARALLEL_MIN_WORK {
+    if matches!(path, Path::Gemm(_)) && rows * cols * n < PARALLEL_MIN_WORK {
         path = Path::Dots;
     }
     let bf16 = precision == MatmulPrecision::Bf16 && w.format() == WeightFormat::Bf16;
-    if bf16 && !(path == Path::Gemm && gemm_for(w, isa, repack) == Gemm::Bf16) {
+    if bf16 && path != Path::Gemm(Gemm::Bf16) {
         // The paths that multiply in f32 take the rounded values: BF16 × BF16 products are exact
         // in f32, so they sum the very products the BF16 GEMM does.
         return ROUNDED.with_borrow_mut(|rounded| {
@@ -182,8 +183,8 @@ fn run(path: Path, x: &[f32], w: &WeightMatrix, out: &mut [f32], bf16: bool, rep
     let n = x.len() / cols;
     let isa = isa();
     let format = w.format();
-    if path == Path::Gemm {
-        match gemm_for(w, isa, repack) {
+    if let Path::Gemm(gemm_path) = path {
+        match gemm_path {
             Gemm::Fp8 => gemm_fp8(isa, x, w, out),
             Gemm::Q4k => gemm_q4k(isa, x, w, out),
             Gemm::Q6k => gemm_q6k(isa, x, w, out),
@@ -423,8 +424,7 @@ mod tests {
                     let mut out = vec![0.0f32; n * rows];
                     matmul_with(&x, &w, &mut out, MatmulPrecision::F32, repack);
                     // The integer GEMM rounds activations its own way: only the 1e-2 rule.
-                    let gemm = choose_path(&w, isa(), n, repack) == Path::Gemm
-                        && matches!(gemm_for(&w, isa(), repack), Gemm::Int8 | Gemm::Q4k);
+                    let gemm = matches!(choose_path(&w, isa(), n, repack), Path::Gemm(Gemm::Int8 | Gemm::Q4k));
                     for t in 0..n {
                         let xt = &x[t * cols..(t + 1) * cols];
                         let xq = PreparedActivations::new(format, xt).dequantized();

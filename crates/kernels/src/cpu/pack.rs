@@ -5,7 +5,9 @@
 //! load feeds 16 output rows and a token's matching 4 bytes are broadcast against it — the
 //! panels of formats packed as stored, the token tiles and the tile epilogue.
 
+use super::int8_pack::Q8kTokens;
 use super::pool;
+use super::SharedMut;
 
 use super::dot::Isa;
 use crate::weight::WeightMatrix;
@@ -93,6 +95,58 @@ pub(crate) fn for_each_group_tile(rows: usize, n: usize, tile_tokens: usize, til
                 });
             }
         }
+    });
+}
+
+/// A k-quant tile (`gemm_q4k.rs`, `gemm_q6k.rs`): [`GroupTile`] `at` of a matrix of `rows` rows,
+/// whose panel is `panel`, against `tokens`; results go to `out[t·rows + r]`.
+pub(crate) struct KquantTile<'a, P> {
+    pub(crate) panel: P,
+    pub(crate) at: GroupTile,
+    pub(crate) tokens: &'a Q8kTokens,
+    pub(crate) out: SharedMut,
+    pub(crate) rows: usize,
+}
+
+impl<P> KquantTile<'_, P> {
+    /// Whether the tile's group, rows and tokens lie in what it reads and writes (the checks
+    /// both k-quant kernels make before their unchecked loads; each adds its panel's and its own
+    /// token arrays').
+    pub(crate) fn in_bounds(&self) -> bool {
+        let (k, blocks) = (self.tokens.k, self.tokens.blocks);
+        let last = self.at.first_token + self.at.tokens;
+        blocks * crate::quant::QK == k
+            && self.tokens.qx.len() >= last * k
+            && self.tokens.d.len() >= last * (blocks / 8)
+            && self.at.group < 2
+            && self.at.count <= 16
+    }
+
+    /// The index in `out` of token `t`'s (counted from the batch's start) row `i` of the tile.
+    pub(crate) fn out_index(&self, t: usize, i: usize) -> usize {
+        t * self.rows + self.at.first_row + i
+    }
+}
+
+/// Runs `run` on every [`KquantTile`] of `tokens` (prepared) against a `rows`-row matrix whose
+/// panel `p` is `panel(p)`, at most `tile_tokens` tokens per tile, panels spread over the pool.
+pub(crate) fn for_each_kquant_tile<'a, P>(
+    rows: usize,
+    tokens: &'a Q8kTokens,
+    tile_tokens: usize,
+    out: SharedMut,
+    panel: impl Fn(usize) -> P + Sync,
+    run: impl Fn(&KquantTile<'a, P>) + Sync,
+) {
+    let n = tokens.qx.len() / tokens.k.max(1);
+    for_each_group_tile(rows, n, tile_tokens, |at| {
+        run(&KquantTile {
+            panel: panel(at.panel),
+            at,
+            tokens,
+            out,
+            rows,
+        })
     });
 }
 
@@ -208,42 +262,6 @@ pub(crate) unsafe fn store_tile<const T: usize, const G: usize>(
             let mask: __mmask16 = if valid == 16 { 0xffff } else { (1u16 << valid) - 1 };
             // SAFETY: the caller owns outputs `out_at + t·out_stride + r` for `r < count`.
             unsafe { _mm512_mask_storeu_ps(out.add(out_at + t * out_stride + 16 * g), mask, v) };
-        }
-    }
-}
-
-/// One block's integer sums into a tile's accumulators, per token `t` and 16-row group `g`:
-/// `acc += f32(sums) · (scale · d_x) + offset · (d_x·Σq_x)` (the offset term only with
-/// `OFFSETS`), where `d_x = dx[t·stride]` and `d_x·Σq_x = dxs[t·stride]`. The integer GEMMs'
-/// shared block epilogue.
-///
-/// # Safety
-/// AVX-512F must be available, and `dx`/`dxs` readable at `t·stride` for `t < T`.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-pub(crate) unsafe fn add_block<const T: usize, const G: usize, const OFFSETS: bool>(
-    acc: &mut [[std::arch::x86_64::__m512; G]; T],
-    sums: &[[std::arch::x86_64::__m512i; G]; T],
-    scales: [std::arch::x86_64::__m512; G],
-    offsets: [std::arch::x86_64::__m512; G],
-    dx: *const f32,
-    dxs: *const f32,
-    stride: usize,
-) {
-    use std::arch::x86_64::*;
-    // SAFETY: AVX-512F and the reads are guaranteed by the caller (see above).
-    unsafe {
-        for (t, (acc, sums)) in acc.iter_mut().zip(sums).enumerate() {
-            let d = _mm512_set1_ps(*dx.add(t * stride));
-            for g in 0..G {
-                acc[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[g]), _mm512_mul_ps(scales[g], d), acc[g]);
-            }
-            if OFFSETS {
-                let m = _mm512_set1_ps(*dxs.add(t * stride));
-                for g in 0..G {
-                    acc[g] = _mm512_fmadd_ps(offsets[g], m, acc[g]);
-                }
-            }
         }
     }
 }

@@ -98,21 +98,20 @@ pub struct MlaScratch {
 impl Mla {
     /// The projections as stored (not the absorbed per-head matrices decoded from `kv_b_proj`).
     pub fn stored_matrices(&self) -> impl Iterator<Item = &WeightMatrix> {
-        let q: Vec<&WeightMatrix> = match &self.q {
-            QueryProj::LowRank { a, b, .. } => vec![a, b],
-            QueryProj::Full(q) => vec![q],
+        let (q, q_b) = match &self.q {
+            QueryProj::LowRank { a, b, .. } => (a, Some(b)),
+            QueryProj::Full(q) => (q, None),
         };
-        q.into_iter().chain([&self.kv_a, &self.o])
+        [q].into_iter().chain(q_b).chain([&self.kv_a, &self.o])
     }
 
     /// Weight bytes one token's attention reads (the absorbed per-head matrices as kept, f32).
     pub fn bytes_per_token(&self) -> usize {
-        let q = match &self.q {
-            QueryProj::LowRank { a, b, .. } => a.stored_bytes() + b.stored_bytes(),
-            QueryProj::Full(q) => q.stored_bytes(),
-        };
-        let absorbed: usize = self.uk_t.iter().chain(&self.uv).map(WeightMatrix::stored_bytes).sum();
-        q + self.kv_a.stored_bytes() + absorbed + self.o.stored_bytes()
+        let absorbed = self.uk_t.iter().chain(&self.uv);
+        self.stored_matrices()
+            .chain(absorbed)
+            .map(WeightMatrix::stored_bytes)
+            .sum()
     }
 
     /// Loads layer `prefix` (`model.layers.{i}`); every shape is checked.

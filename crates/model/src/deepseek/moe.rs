@@ -34,13 +34,11 @@ impl Mlp {
 
     /// See `CausalLm::prepare_weights`.
     pub fn prepare(&self, be: &dyn Backend) {
-        for w in [&self.gate, &self.up, &self.down] {
-            be.prepare_weight(w);
-        }
+        self.matrices().for_each(|w| be.prepare_weight(w));
     }
 
     pub fn bytes_per_token(&self) -> usize {
-        self.gate.stored_bytes() + self.up.stored_bytes() + self.down.stored_bytes()
+        self.matrices().map(WeightMatrix::stored_bytes).sum()
     }
 
     /// Loads `{prefix}.{gate,up,down}_proj.weight`.
