@@ -223,6 +223,7 @@ fn a_failing_forward_finishes_its_batch_with_an_error_and_the_loop_goes_on() {
         inner: inner.clone(),
         poison: Some(77),
         delay: Duration::ZERO,
+        gate: Arc::default(),
     });
     let engine = small_engine(model);
     let (_, rx) = engine.submit(greedy(vec![1, 2, 77, 3], 4)).unwrap();

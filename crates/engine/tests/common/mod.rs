@@ -130,12 +130,14 @@ pub fn run_all(engine: &r1serve_engine::Engine, requests: &[Request]) -> Vec<Out
     receivers.into_iter().map(collect).collect()
 }
 
-/// Delegates to a real model, but fails any batch containing `poison` and sleeps `delay` per
-/// forward pass (so a test can act while a request is surely still running).
+/// Delegates to a real model, but fails any batch containing `poison`, sleeps `delay` per
+/// forward pass (so a test can act while a request is surely still running) and waits for
+/// `gate` (so a test holding it can queue requests while a step is under way).
 pub struct TestModel {
     pub inner: Arc<dyn CausalLm>,
     pub poison: Option<u32>,
     pub delay: std::time::Duration,
+    pub gate: Arc<std::sync::Mutex<()>>,
 }
 
 impl TestModel {
@@ -144,6 +146,7 @@ impl TestModel {
             inner,
             poison: None,
             delay: std::time::Duration::from_millis(2),
+            gate: Arc::default(),
         })
     }
 }
@@ -163,6 +166,7 @@ impl CausalLm for TestModel {
     }
     fn forward(&self, batch: &Batch, cache: &mut PagedKvCache, logits: &mut Vec<f32>) -> Result<(), ModelError> {
         std::thread::sleep(self.delay);
+        drop(self.gate.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
         if let Some(poison) = self.poison.filter(|p| batch.seqs.iter().any(|s| s.tokens.contains(p))) {
             return Err(ModelError::Batch(format!("poison token {poison} in the batch")));
         }

@@ -36,8 +36,11 @@ pub fn set_threads(threads: usize) -> bool {
 
 /// The threads that run each job: [`set_threads`], else one per core.
 pub fn threads() -> usize {
+    // Asked once: `available_parallelism` reads the cgroup's CPU quota from files (system calls
+    // and allocations), and the kernels ask on every call.
+    static CORES: OnceLock<usize> = OnceLock::new();
     match THREADS.load(SeqCst) {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        0 => *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         n => n,
     }
 }

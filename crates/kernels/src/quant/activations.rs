@@ -11,22 +11,92 @@
 //! at most `Σ_blocks d/2 · Σ|w|` (relative error about 1/254 of `max|x| · Σ|w|` per block).
 
 use super::{QK, QK_K};
+use crate::cpu::dot::{isa, Isa};
 use crate::dtype::WeightFormat;
 
-/// Rounds one block to i8 in `out` with `d = max|x| / 127`; returns `d`. Written to vectorize:
-/// rounding (to nearest, ties to even) by adding and subtracting 1.5 · 2²³ rather than calling
+/// Rounds one block to i8 in `out` with `d = max|x| / 127`; returns `d`. Written to vectorize
+/// (inlined into each instruction set's copy of its callers): the maximum in sixteen independent
+/// lanes, and rounding (to nearest, ties to even) by adding 1.5 · 2²³ rather than calling
 /// `round`, which on baseline x86-64 is a library call per value.
+#[inline(always)]
 pub(crate) fn round_block(block: &[f32], out: &mut [i8]) -> f32 {
     const ROUND: f32 = 12_582_912.0;
-    let amax = block.iter().fold(0.0f32, |m, v| if v.abs() > m { v.abs() } else { m });
+    const LANES: usize = 16;
+    let larger = |m: f32, v: f32| if v.abs() > m { v.abs() } else { m };
+    let mut lanes = [0.0f32; LANES];
+    let chunks = block.chunks_exact(LANES);
+    let tail = chunks.remainder().iter().fold(0.0f32, |m, &v| larger(m, v));
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane = larger(*lane, v);
+        }
+    }
+    let amax = lanes.iter().fold(tail, |m, &v| larger(m, v));
     let d = amax / 127.0;
     let id = if d > 0.0 { 1.0 / d } else { 0.0 };
     for (q, &v) in out.iter_mut().zip(block) {
         // |v · id| ≤ 127 (up to rounding), so the sum stays in the range where the trick is exact.
         let y = (v * id).clamp(-127.0, 127.0);
-        *q = ((y + ROUND) - ROUND) as i8;
+        // `y + ROUND` holds round(y) in its low mantissa bits: read them as an integer (float
+        // to integer casts saturate, and the saturating cast does not vectorize).
+        *q = ((y + ROUND).to_bits() as i32 - ROUND.to_bits() as i32) as i8;
     }
     d
+}
+
+/// Fills a row's blocks of `kind` (see [`PreparedActivations`]'s fields).
+#[inline(always)]
+fn round_row(
+    kind: ActivationFormat,
+    x: &[f32],
+    qs: &mut [i8],
+    d: &mut Vec<f32>,
+    dsum: &mut Vec<f32>,
+    bsums: &mut Vec<i16>,
+) {
+    match kind {
+        ActivationFormat::F32 => {}
+        ActivationFormat::Q8_0 => {
+            for (block, q) in x.chunks_exact(QK).zip(qs.chunks_exact_mut(QK)) {
+                let scale = round_block(block, q);
+                let sum: i32 = q.iter().map(|&q| q as i32).sum();
+                d.push(scale);
+                dsum.push(scale * sum as f32);
+            }
+        }
+        ActivationFormat::Q8K => {
+            for (block, q) in x.chunks_exact(QK_K).zip(qs.chunks_exact_mut(QK_K)) {
+                d.push(round_block(block, q));
+                bsums.extend(q.chunks_exact(16).map(|g| g.iter().map(|&q| q as i16).sum::<i16>()));
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn round_row_avx512(
+    kind: ActivationFormat,
+    x: &[f32],
+    qs: &mut [i8],
+    d: &mut Vec<f32>,
+    dsum: &mut Vec<f32>,
+    bsums: &mut Vec<i16>,
+) {
+    round_row(kind, x, qs, d, dsum, bsums)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn round_row_avx2(
+    kind: ActivationFormat,
+    x: &[f32],
+    qs: &mut [i8],
+    d: &mut Vec<f32>,
+    dsum: &mut Vec<f32>,
+    bsums: &mut Vec<i16>,
+) {
+    round_row(kind, x, qs, d, dsum, bsums)
 }
 
 /// How a row of activations is stored for a weight format's dot product.
@@ -136,24 +206,15 @@ impl PreparedActivations {
         self.dsum.clear();
         self.bsums.clear();
         self.qs.resize(if kind == ActivationFormat::F32 { 0 } else { x.len() });
-        let qs = self.qs.as_mut_slice();
-        match kind {
-            ActivationFormat::F32 => {}
-            ActivationFormat::Q8_0 => {
-                for (block, q) in x.chunks_exact(QK).zip(qs.chunks_exact_mut(QK)) {
-                    let d = round_block(block, q);
-                    let sum: i32 = q.iter().map(|&q| q as i32).sum();
-                    self.d.push(d);
-                    self.dsum.push(d * sum as f32);
-                }
-            }
-            ActivationFormat::Q8K => {
-                for (block, q) in x.chunks_exact(QK_K).zip(qs.chunks_exact_mut(QK_K)) {
-                    self.d.push(round_block(block, q));
-                    self.bsums
-                        .extend(q.chunks_exact(16).map(|g| g.iter().map(|&q| q as i16).sum::<i16>()));
-                }
-            }
+        let (qs, d, dsum, bsums) = (self.qs.as_mut_slice(), &mut self.d, &mut self.dsum, &mut self.bsums);
+        match isa() {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Isa::Avx512*` come from `Isa::available` after detecting these features.
+            Isa::Avx512 | Isa::Avx512Vnni => unsafe { round_row_avx512(kind, x, qs, d, dsum, bsums) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Isa::Avx2` comes from `Isa::available` after detecting avx2 and fma.
+            Isa::Avx2 => unsafe { round_row_avx2(kind, x, qs, d, dsum, bsums) },
+            _ => round_row(kind, x, qs, d, dsum, bsums),
         }
     }
 

@@ -180,13 +180,6 @@ pub fn dot_row_prepared_multi_with(
     }
 }
 
-/// `a · b` of two f32 vectors with the process-wide instruction set (attention scores).
-#[inline]
-pub(crate) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    let len = a.len().min(b.len());
-    dense_dot(isa(), Dense::F32, quant::f32_bytes(&a[..len]), &b[..len])
-}
-
 #[derive(Clone, Copy)]
 enum Dense {
     F32,
