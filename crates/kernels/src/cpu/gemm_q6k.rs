@@ -240,7 +240,12 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{Tile, BLOCK_VECTORS};
+    use crate::cpu::pack::prefetch_block;
     use crate::quant::QK;
+
+    /// Blocks ahead of the one being multiplied whose panel lines the tiles prefetch (see
+    /// `gemm_q4k`'s tiles: 3 KiB here).
+    const TILE_PREFETCH: usize = 8;
 
     /// `T` tokens × the 16 rows of group `tile.group` (see the module doc).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -270,6 +275,7 @@ mod x86 {
                 let dv = _mm512_cvtph_ps(_mm256_loadu_si256(d.add(16 * s) as *const _));
                 let mut acc_super = [_mm512_setzero_ps(); T];
                 for b in 8 * s..8 * s + 8 {
+                    prefetch_block::<BLOCK_VECTORS>(q, b, TILE_PREFETCH);
                     let mut lo = [_mm512_setzero_si512(); T];
                     let mut hi = [_mm512_setzero_si512(); T];
                     for t in 0..T {
