@@ -349,10 +349,10 @@ mod x86 {
 
     use super::{PanelRef, Tile};
     use crate::cpu::int8_pack::Q8kTokens;
-    use crate::cpu::pack::prefetch_block;
+    use crate::cpu::pack::prefetch_lines;
 
     /// How many blocks ahead of the one being multiplied the tiles (hundreds of cycles per block)
-    /// and the one-token kernel (tens) prefetch their group's panel (`pack::prefetch_block`):
+    /// and the one-token kernel (tens) prefetch their group's panel (`pack::prefetch_lines`):
     /// about a memory latency's worth of each.
     const TILE_PREFETCH: usize = 8;
     const GEMV_PREFETCH: usize = 16;
@@ -396,7 +396,7 @@ mod x86 {
                 let (mut sum, mut mins) = (_mm512_setzero_si512(), _mm512_setzero_si512());
                 let mut high = SuperBlockHighBits::load(high.add(16 * s));
                 for b in 8 * s..8 * s + 8 {
-                    prefetch_block::<4>(q, b, GEMV_PREFETCH);
+                    prefetch_lines::<4>(q.wrapping_add((b + GEMV_PREFETCH) * 256));
                     let (mut lo, mut hi) = (_mm512_setzero_si512(), _mm512_setzero_si512());
                     for v in 0..4 {
                         let w = _mm512_loadu_si512(q.add((4 * b + v) * 64) as *const _);
@@ -512,7 +512,7 @@ mod x86 {
                 let mut high_bits = SuperBlockHighBits::load(high.add(16 * s));
                 let mut acc_super = [_mm512_setzero_ps(); T];
                 for b in 8 * s..8 * s + 8 {
-                    prefetch_block::<4>(q, b, TILE_PREFETCH);
+                    prefetch_lines::<4>(q.wrapping_add((b + TILE_PREFETCH) * 256));
                     let mut sums = [_mm512_setzero_si512(); T];
                     // Few tokens leave the dependency chains short of work: the high nibbles get
                     // chains of their own (added at the end of the block).

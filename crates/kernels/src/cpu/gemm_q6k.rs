@@ -240,7 +240,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{Tile, BLOCK_VECTORS};
-    use crate::cpu::pack::prefetch_block;
+    use crate::cpu::pack::prefetch_lines;
     use crate::quant::QK;
 
     /// Blocks ahead of the one being multiplied whose panel lines the tiles prefetch (see
@@ -275,7 +275,7 @@ mod x86 {
                 let dv = _mm512_cvtph_ps(_mm256_loadu_si256(d.add(16 * s) as *const _));
                 let mut acc_super = [_mm512_setzero_ps(); T];
                 for b in 8 * s..8 * s + 8 {
-                    prefetch_block::<BLOCK_VECTORS>(q, b, TILE_PREFETCH);
+                    prefetch_lines::<BLOCK_VECTORS>(q.wrapping_add((b + TILE_PREFETCH) * BLOCK_VECTORS * 64));
                     let mut lo = [_mm512_setzero_si512(); T];
                     let mut hi = [_mm512_setzero_si512(); T];
                     for t in 0..T {

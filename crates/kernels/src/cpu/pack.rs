@@ -266,17 +266,16 @@ pub(crate) unsafe fn store_tile<const T: usize, const G: usize>(
     }
 }
 
-/// Asks for the `BLOCK_LINES` cache lines of block `b + ahead` of a panel whose blocks of
-/// `BLOCK_LINES · 64` bytes start at `blocks`: the panels stream from memory, and the hardware
-/// prefetcher stops at each 4 KiB page. A hint: an address past the panel is dropped.
+/// Asks for the `LINES` cache lines from `at` on: the weights stream from memory, and the
+/// hardware prefetcher stops at each 4 KiB page, so the kernels ask for what they will read a
+/// memory latency later. A hint: an address past the weights is dropped.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-pub(crate) fn prefetch_block<const BLOCK_LINES: usize>(blocks: *const u8, b: usize, ahead: usize) {
+pub(crate) fn prefetch_lines<const LINES: usize>(at: *const u8) {
     use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-    let at = blocks.wrapping_add((b + ahead) * BLOCK_LINES * 64) as *const i8;
-    for line in 0..BLOCK_LINES {
+    for line in 0..LINES {
         // SAFETY: a prefetch never faults, whatever the address.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(64 * line)) };
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(64 * line) as *const i8) };
     }
 }
 
