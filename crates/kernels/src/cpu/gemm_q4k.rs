@@ -351,11 +351,11 @@ mod x86 {
     use crate::cpu::int8_pack::Q8kTokens;
     use crate::cpu::pack::prefetch_lines;
 
-    /// How many blocks ahead of the one being multiplied the tiles (hundreds of cycles per block)
-    /// and the one-token kernel (tens) prefetch their group's panel (`pack::prefetch_lines`):
-    /// about a memory latency's worth of each.
+    /// How many blocks ahead of the one being multiplied the tiles prefetch their group's panel
+    /// (`pack::prefetch_lines`): about a memory latency at a few hundred cycles per block. (The
+    /// one-token kernel gains nothing from it: `decode/Q4_K` from DRAM read 30–34 GB/s with the
+    /// next 4, 8 or 16 KiB prefetched and 30–31 without.)
     const TILE_PREFETCH: usize = 8;
-    const GEMV_PREFETCH: usize = 16;
 
     use crate::quant::QK;
 
@@ -396,7 +396,6 @@ mod x86 {
                 let (mut sum, mut mins) = (_mm512_setzero_si512(), _mm512_setzero_si512());
                 let mut high = SuperBlockHighBits::load(high.add(16 * s));
                 for b in 8 * s..8 * s + 8 {
-                    prefetch_lines::<4>(q.wrapping_add((b + GEMV_PREFETCH) * 256));
                     let (mut lo, mut hi) = (_mm512_setzero_si512(), _mm512_setzero_si512());
                     for v in 0..4 {
                         let w = _mm512_loadu_si512(q.add((4 * b + v) * 64) as *const _);
