@@ -7,7 +7,7 @@
 //! accumulators once per chunk rather than once per new maximum. One pool job covers every
 //! sequence of the batch.
 
-use super::dot::{isa, Isa};
+use super::dot::Isa;
 use super::elementwise::exp;
 use super::pool;
 
@@ -20,22 +20,9 @@ const CHUNK: usize = 32;
 /// Query heads per task, at most.
 const MAX_HEADS: usize = 16;
 
-/// See [`crate::Backend::attention`].
-pub fn attention(
-    q: &[f32],
-    spans: &[SeqSpan],
-    cache: &PagedKvCache,
-    layer: usize,
-    layout: &AttentionLayout,
-    scale: f32,
-    out: &mut [f32],
-) {
-    attention_with(isa(), q, spans, cache, layer, layout, scale, out)
-}
-
-/// [`attention`] with a given instruction set, one of [`Isa::available`].
+/// See [`crate::Backend::attention`]; `isa` is one of [`Isa::available`].
 #[allow(clippy::too_many_arguments)]
-fn attention_with(
+pub fn attention(
     isa: Isa,
     q: &[f32],
     spans: &[SeqSpan],
@@ -236,6 +223,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::dot::isa;
     use rand::{Rng, SeedableRng};
 
     /// f64 reference: softmax(q·k * scale) · v over positions 0..=pos, from dense K/V arrays.
@@ -279,7 +267,7 @@ mod tests {
         };
         let q: Vec<f32> = (0..2 * n_heads * hd).map(|_| rng.random_range(-1.0..1.0)).collect();
         let mut out = vec![0.0; 2 * n_heads * hd];
-        attention(&q, &[span], &cache, 0, &layout, 0.4, &mut out);
+        attention(isa(), &q, &[span], &cache, 0, &layout, 0.4, &mut out);
         for t in 0..2 {
             for h in 0..n_heads {
                 let kvh = h / 2;
@@ -360,7 +348,7 @@ mod tests {
                 .collect();
             for isa in Isa::available() {
                 let mut out = vec![f32::NAN; queries.len() * n_heads * hd];
-                attention_with(isa, &q, &spans, &cache, 0, &layout, 0.3, &mut out);
+                attention(isa, &q, &spans, &cache, 0, &layout, 0.3, &mut out);
                 for (token, &(seq, pos)) in queries.iter().enumerate() {
                     for h in 0..n_heads {
                         let kvh = h / (n_heads / n_kv);
@@ -401,7 +389,7 @@ mod tests {
             len: 1,
             block_table: &[0],
         };
-        attention(&q, &[span], &cache, 0, &layout, 0.7, &mut out);
+        attention(isa(), &q, &[span], &cache, 0, &layout, 0.7, &mut out);
         let k: Vec<Vec<f64>> = entries.iter().map(|e| e.iter().map(|&x| x as f64).collect()).collect();
         let v: Vec<Vec<f64>> = entries
             .iter()

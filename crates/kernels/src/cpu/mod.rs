@@ -158,6 +158,6 @@ impl Backend for CpuBackend {
         scale: f32,
         out: &mut [f32],
     ) {
-        attention(q, spans, cache, layer, layout, scale, out);
+        attention(dot::isa(), q, spans, cache, layer, layout, scale, out);
     }
 }

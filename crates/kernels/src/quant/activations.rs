@@ -44,17 +44,11 @@ pub(crate) fn round_block(block: &[f32], out: &mut [i8]) -> f32 {
     d
 }
 
-/// Fills a row's blocks of `kind` (see [`PreparedActivations`]'s fields).
+/// Fills `p`'s blocks of its format from `x` (see [`PreparedActivations`]'s fields).
 #[inline(always)]
-fn round_row(
-    kind: ActivationFormat,
-    x: &[f32],
-    qs: &mut [i8],
-    d: &mut Vec<f32>,
-    dsum: &mut Vec<f32>,
-    bsums: &mut Vec<i16>,
-) {
-    match kind {
+fn round_row(p: &mut PreparedActivations, x: &[f32]) {
+    let (qs, d, dsum, bsums) = (p.qs.as_mut_slice(), &mut p.d, &mut p.dsum, &mut p.bsums);
+    match p.format {
         ActivationFormat::F32 => {}
         ActivationFormat::Q8_0 => {
             for (block, q) in x.chunks_exact(QK).zip(qs.chunks_exact_mut(QK)) {
@@ -75,28 +69,14 @@ fn round_row(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-unsafe fn round_row_avx512(
-    kind: ActivationFormat,
-    x: &[f32],
-    qs: &mut [i8],
-    d: &mut Vec<f32>,
-    dsum: &mut Vec<f32>,
-    bsums: &mut Vec<i16>,
-) {
-    round_row(kind, x, qs, d, dsum, bsums)
+unsafe fn round_row_avx512(p: &mut PreparedActivations, x: &[f32]) {
+    round_row(p, x)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn round_row_avx2(
-    kind: ActivationFormat,
-    x: &[f32],
-    qs: &mut [i8],
-    d: &mut Vec<f32>,
-    dsum: &mut Vec<f32>,
-    bsums: &mut Vec<i16>,
-) {
-    round_row(kind, x, qs, d, dsum, bsums)
+unsafe fn round_row_avx2(p: &mut PreparedActivations, x: &[f32]) {
+    round_row(p, x)
 }
 
 /// How a row of activations is stored for a weight format's dot product.
@@ -206,15 +186,14 @@ impl PreparedActivations {
         self.dsum.clear();
         self.bsums.clear();
         self.qs.resize(if kind == ActivationFormat::F32 { 0 } else { x.len() });
-        let (qs, d, dsum, bsums) = (self.qs.as_mut_slice(), &mut self.d, &mut self.dsum, &mut self.bsums);
         match isa() {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Isa::Avx512*` come from `Isa::available` after detecting these features.
-            Isa::Avx512 | Isa::Avx512Vnni => unsafe { round_row_avx512(kind, x, qs, d, dsum, bsums) },
+            Isa::Avx512 | Isa::Avx512Vnni => unsafe { round_row_avx512(self, x) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Isa::Avx2` comes from `Isa::available` after detecting avx2 and fma.
-            Isa::Avx2 => unsafe { round_row_avx2(kind, x, qs, d, dsum, bsums) },
-            _ => round_row(kind, x, qs, d, dsum, bsums),
+            Isa::Avx2 => unsafe { round_row_avx2(self, x) },
+            _ => round_row(self, x),
         }
     }
 
