@@ -15,7 +15,7 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-/// `eˣ` to about one ulp, branch-free so that loops over it vectorize (`f32::exp` is a libm call
+/// `eˣ` within two ulp, branch-free so that loops over it vectorize (`f32::exp` is a libm call
 /// per value): `x = n·ln 2 + r` with `|r| ≤ ln 2 / 2` (ln 2 split in two so that `n · LN2_HI` is
 /// exact), a degree-7 Taylor polynomial for `eʳ` (truncation below 3·10⁻⁹), and `2ⁿ` built
 /// from its exponent bits. Inputs are clamped to `[-87, 88]`, where `2ⁿ` stays a normal float:
