@@ -20,6 +20,9 @@ const CHUNK: usize = 32;
 /// Query heads per task, at most.
 const MAX_HEADS: usize = 16;
 
+/// Accumulator floats per task, at most (8 KiB: a fraction of L1).
+const ACC_FLOATS: usize = 2048;
+
 /// See [`crate::Backend::attention`]; `isa` is one of [`Isa::available`].
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
@@ -35,10 +38,12 @@ pub fn attention(
     let (n_heads, kd, vd) = (layout.n_heads, layout.key_dim, layout.value_dim);
     let group = (n_heads / layout.n_kv_heads.max(1)).max(1);
     let n_tokens: usize = spans.iter().map(|span| span.len).sum();
-    // At most `MAX_HEADS` heads per task (the scratch lives on the stack), and fewer until both
-    // cores have a few tasks (a decoded token of a latent-attention model has one KV head for
-    // all of its heads).
-    let mut heads = (1..=group.min(MAX_HEADS))
+    // At most `MAX_HEADS` heads per task (the scratch lives on the stack) and `ACC_FLOATS` of
+    // accumulators (a latent-attention head's are 512 wide: they must stay in L1 while the
+    // values stream past), and fewer until both cores have a few tasks (a decoded token of a
+    // latent-attention model has one KV head for all of its heads).
+    let most = MAX_HEADS.min(ACC_FLOATS / vd.max(1)).max(1);
+    let mut heads = (1..=group.min(most))
         .rev()
         .find(|h| group.is_multiple_of(*h))
         .unwrap_or(1);
