@@ -2,10 +2,10 @@
 //!
 //! A task is one token and the query heads that share one KV head (up to 16 of them and 8 KiB of
 //! accumulators, fewer when there are too few tasks for the pool), so each key and value read
-//! from the cache serves them all. Positions go in chunks: a chunk's scores are computed, exponentiated and
-//! summed together (loops the compiler vectorizes), and the running maximum rescales the
-//! accumulators once per chunk rather than once per new maximum. One pool job covers every
-//! sequence of the batch.
+//! from the cache serves them all. Positions go in chunks: a chunk's scores are computed,
+//! exponentiated and summed together (loops the compiler vectorizes), and the running maximum
+//! rescales the accumulators once per chunk rather than once per new maximum. One pool job
+//! covers every sequence of the batch.
 
 use super::dot::Isa;
 use super::elementwise::exp;
