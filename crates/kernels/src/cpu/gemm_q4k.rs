@@ -29,26 +29,14 @@
 //! sub-block scales and mins in i32 and converts once per super-block, on 16 rows at once, so
 //! each 64-byte load feeds two `vpdpbusd` and no horizontal sums are needed.
 
-use std::cell::RefCell;
-
 use super::dot::Isa;
 use super::int8_pack::Q8kTokens;
-use super::pack::{for_each_group_tile, for_each_kquant_tile, AlignedBuf, KquantTile, PANEL_ROWS};
+use super::pack::{for_each_group_tile, for_each_kquant_tile, AlignedBuf, KquantPanel, KquantTile, PANEL_ROWS};
 use super::pool::{self, DisjointChunks};
 use super::SharedMut;
 use crate::dtype::{f16_to_f32, WeightFormat};
 use crate::quant::{q4_k, QK, QK_K};
 use crate::weight::WeightMatrix;
-
-/// Tokens per micro-kernel tile (of one 16-row group: 8 integer and 8 f32 accumulators). One
-/// group at a time rather than a panel's 32 rows × 6 tokens: 8 tokens (a batch of 8 streams)
-/// then fill one tile instead of a 6-token and a 2-token one, and each tile's per-block float
-/// step is shared by more tokens.
-const TILE_TOKENS: usize = 8;
-
-thread_local! {
-    static TOKENS: RefCell<Q8kTokens> = RefCell::new(Q8kTokens::default());
-}
 
 /// Whether this kernel runs on `isa` with its integer instructions (AVX512-VNNI).
 pub fn available(isa: Isa) -> bool {
@@ -221,21 +209,12 @@ pub fn gemm_q4k(isa: Isa, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
     assert_eq!(out.len(), n * rows, "gemm output must be [n, rows]");
     let fast = available(isa);
     let panels = w.backend_copy(|| Q4kPanels::build(w));
-    TOKENS.with_borrow_mut(|tokens| {
-        tokens.prepare(WeightFormat::Q4K, x, k);
-        let tokens = &*tokens;
+    Q8kTokens::with_prepared(WeightFormat::Q4K, x, k, |tokens| {
         let dst = SharedMut::new(out);
         if n == 1 {
             return gemv_q4k(fast, panels, tokens, rows, dst);
         }
-        for_each_kquant_tile(
-            rows,
-            tokens,
-            TILE_TOKENS,
-            dst,
-            |p| panels.panel(p),
-            |tile| tile.run(fast),
-        );
+        for_each_kquant_tile(rows, tokens, dst, |p| panels.panel(p), fast);
     });
 }
 
@@ -293,53 +272,37 @@ fn gemv_row_scalar(panel: PanelRef<'_>, g: usize, i: usize, token: &Q8kTokens) -
 /// A tile of this GEMM: see [`KquantTile`].
 type Tile<'a> = KquantTile<'a, PanelRef<'a>>;
 
-impl Tile<'_> {
-    fn run(&self, fast: bool) {
-        let (size, g, count) = (self.at.tokens, self.at.group, self.at.count);
-        let (k, blocks) = (self.tokens.k, self.tokens.blocks);
-        let first = self.at.first_token;
-        let last = first + size;
-        let panel = self.panel;
-        assert!(self.in_bounds() && panel.holds(blocks) && self.tokens.block_sums.len() >= last * blocks);
-        #[cfg(target_arch = "x86_64")]
-        if fast {
-            macro_rules! dispatch {
-                ($($t:literal)*) => {
-                    match size {
-                        // SAFETY: `fast` means AVX512-VNNI was detected; the assert above bounds
-                        // every load, and the caller owns rows `..count` of these tokens' outputs.
-                        $($t => unsafe { x86::tile::<$t>(self) },)*
-                        _ => unreachable!("tiles hold 1..=TILE_TOKENS tokens"),
-                    }
-                };
-            }
-            dispatch!(1 2 3 4 5 6 7 8);
-            return;
-        }
-        let _ = fast;
-        let tokens = self.tokens;
+impl KquantPanel for PanelRef<'_> {
+    fn fits(&self, tokens: &Q8kTokens, last: usize) -> bool {
+        self.holds(tokens.blocks) && tokens.block_sums.len() >= last * tokens.blocks
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn vnni(tile: &KquantTile<'_, Self>) {
+        // SAFETY: the caller meets `x86::tile`'s contract (`KquantPanel::vnni`'s).
+        unsafe { super::pack::dispatch_tile_tokens!(x86::tile, tile) }
+    }
+
+    fn scalar(tile: &KquantTile<'_, Self>, t: usize, i: usize) -> f32 {
+        let (panel, tokens, g) = (tile.panel, tile.tokens, tile.at.group);
+        let (k, blocks) = (tokens.k, tokens.blocks);
         let supers = blocks / 8;
-        for t in first..last {
-            for i in 0..count {
-                let mut acc = 0.0f32;
-                for s in 0..supers {
-                    let (d, dmin) = panel.super_scales(g, supers, s, i);
-                    let mut acc_super = 0.0f32;
-                    for b in 8 * s..8 * s + 8 {
-                        let mut sum = 0i32;
-                        for c in 0..QK {
-                            sum += panel.nibble(g, blocks, b, i, c) as i32 * tokens.qx[t * k + b * QK + c] as i32;
-                        }
-                        let (scale, min) = panel.scale_min(g, blocks, b, i);
-                        acc_super += sum as f32 * (scale as f32 * d);
-                        acc_super += (min as f32 * dmin) * tokens.block_sums[t * blocks + b];
-                    }
-                    acc += acc_super * tokens.d[t * supers + s];
+        let mut acc = 0.0f32;
+        for s in 0..supers {
+            let (d, dmin) = panel.super_scales(g, supers, s, i);
+            let mut acc_super = 0.0f32;
+            for b in 8 * s..8 * s + 8 {
+                let mut sum = 0i32;
+                for c in 0..QK {
+                    sum += panel.nibble(g, blocks, b, i, c) as i32 * tokens.qx[t * k + b * QK + c] as i32;
                 }
-                // SAFETY: the caller owns rows `..count` of this tile's tokens in the output.
-                unsafe { self.out.write(self.out_index(t, i), acc) };
+                let (scale, min) = panel.scale_min(g, blocks, b, i);
+                acc_super += sum as f32 * (scale as f32 * d);
+                acc_super += (min as f32 * dmin) * tokens.block_sums[t * blocks + b];
             }
+            acc += acc_super * tokens.d[t * supers + s];
         }
+        acc
     }
 }
 
@@ -349,14 +312,7 @@ mod x86 {
 
     use super::{PanelRef, Tile};
     use crate::cpu::int8_pack::Q8kTokens;
-    use crate::cpu::pack::prefetch_lines;
-
-    /// How many blocks ahead of the one being multiplied the tiles prefetch their group's panel
-    /// (`pack::prefetch_lines`): about a memory latency at a few hundred cycles per block. (The
-    /// one-token kernel gains nothing from it: `decode/Q4_K` from DRAM read 30–34 GB/s with the
-    /// next 4, 8 or 16 KiB prefetched and 30–31 without.)
-    const TILE_PREFETCH: usize = 8;
-
+    use crate::cpu::pack::{prefetch_lines, TILE_PREFETCH_BLOCKS};
     use crate::quant::QK;
 
     /// Rows `16·g..16·g + count` of `panel` times one `Q8_K` token, stored at `out`: see
@@ -511,7 +467,7 @@ mod x86 {
                 let mut high_bits = SuperBlockHighBits::load(high.add(16 * s));
                 let mut acc_super = [_mm512_setzero_ps(); T];
                 for b in 8 * s..8 * s + 8 {
-                    prefetch_lines::<4>(q.wrapping_add((b + TILE_PREFETCH) * 256));
+                    prefetch_lines::<4>(q.wrapping_add((b + TILE_PREFETCH_BLOCKS) * 256));
                     let mut sums = [_mm512_setzero_si512(); T];
                     // Few tokens leave the dependency chains short of work: the high nibbles get
                     // chains of their own (added at the end of the block).
@@ -560,31 +516,17 @@ mod tests {
     use super::*;
     use crate::cpu::int8_pack::reference;
 
-    /// Every ISA (VNNI where available, the scalar reference otherwise), partial groups and
-    /// panels, one token (the decode kernel) and every tile size (13 = 8 + 5, 11 = 8 + 3, and the
-    /// tiles of ≤ 4 tokens, whose high nibbles take chains of their own), against f64 sums over
-    /// the dequantised weights (`check_rounded_for`: within `1e-5 · Σ|w·x̂|` of the exact product
+    /// Every ISA (VNNI where available, the scalar reference otherwise), the shared k-quant
+    /// cases (`reference::check_kquant_gemm`: one token — the decode kernel — and every tile
+    /// size, the tiles of ≤ 4 tokens giving the high nibbles chains of their own), against f64
+    /// sums over the dequantised weights (`check_rounded_for`: within `1e-5 · Σ|w·x̂|` of the exact product
     /// with the `Q8_K`-rounded activations `x̂`, and within `Σ_super-blocks d_x/2 · Σ|w|` plus
     /// `1e-5 · Σ|w·x|` of the product with the f32 activations). Random six-bit scales and mins
     /// reach every block's top bits.
     #[test]
     fn every_isa_matches_f64_reference() {
-        reference::check_kquant_gemm(
-            WeightFormat::Q4K,
-            17,
-            &[
-                (5, 1, 1),
-                (37, 2, 13),
-                (32, 1, 6),
-                (70, 3, 7),
-                (21, 1, 11),
-                (16, 1, 2),
-                (33, 1, 4),
-                (70, 3, 1),
-                (48, 2, 1),
-            ],
-            gemm_q4k,
-            |w| w.built_backend_copy::<Q4kPanels>().is_some(),
-        );
+        reference::check_kquant_gemm(WeightFormat::Q4K, 17, gemm_q4k, |w| {
+            w.built_backend_copy::<Q4kPanels>().is_some()
+        });
     }
 }

@@ -3,8 +3,8 @@
 //! The integer GEMM (`gemm_int8.rs`) decodes `Q6_K` to one byte per value plus an f32 scale per
 //! 16 values (1.25 bytes per value against the file's 0.82), so its panels could not serve a
 //! one-token decode, and a batch read half as many bytes again as the file holds. These panels
-//! keep exactly the file's 210 bytes per 256 values — so every token count reads them, from the
-//! process's own memory rather than the mapped file — in the nibble layout of `gemm_q4k.rs`:
+//! keep exactly the file's 210 bytes per 256 values, in the nibble layout of `gemm_q4k.rs`
+//! (`matmul` sends batches of two tokens and more here; one token takes the row dots):
 //!
 //! Per panel of 32 rows, per 16-row group `g`, per 32-value block `b`, six 64-byte vectors:
 //! - vectors `0..4` (`i`): row `r`'s 4 bytes `e` of vector `i` hold the low 4 bits of value
@@ -23,25 +23,17 @@
 //! kernel. Accuracy: the integer sums are exact, so a result is within
 //! `Σ_super-blocks d_x/2 · Σ|w|` (plus f32 rounding) of the exact product.
 
-use std::cell::RefCell;
-
 use super::dot::Isa;
 use super::int8_pack::Q8kTokens;
-use super::pack::{for_each_kquant_tile, AlignedBuf, KquantTile, PANEL_ROWS};
+use super::pack::{for_each_kquant_tile, AlignedBuf, KquantPanel, KquantTile, PANEL_ROWS};
 use super::pool::{self, DisjointChunks};
 use super::SharedMut;
 use crate::dtype::{f16_to_f32, WeightFormat};
 use crate::quant::{q6_k, QK, QK_K};
 use crate::weight::WeightMatrix;
 
-/// Tokens per micro-kernel tile (of one 16-row group).
-const TILE_TOKENS: usize = 8;
 /// 64-byte vectors per block and group: four of nibbles, two of top bits.
 const BLOCK_VECTORS: usize = 6;
-
-thread_local! {
-    static TOKENS: RefCell<Q8kTokens> = RefCell::new(Q8kTokens::default());
-}
 
 /// Whether this kernel runs on `isa` with its integer instructions (AVX512-VNNI).
 pub fn available(isa: Isa) -> bool {
@@ -167,71 +159,46 @@ pub fn gemm_q6k(isa: Isa, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
     assert_eq!(out.len(), n * rows, "gemm output must be [n, rows]");
     let fast = available(isa);
     let panels = w.backend_copy(|| Q6kPanels::build(w));
-    TOKENS.with_borrow_mut(|tokens| {
-        tokens.prepare(WeightFormat::Q6K, x, k);
-        let tokens = &*tokens;
+    Q8kTokens::with_prepared(WeightFormat::Q6K, x, k, |tokens| {
         let dst = SharedMut::new(out);
-        for_each_kquant_tile(
-            rows,
-            tokens,
-            TILE_TOKENS,
-            dst,
-            |p| panels.panel(p),
-            |tile| tile.run(fast),
-        );
+        for_each_kquant_tile(rows, tokens, dst, |p| panels.panel(p), fast);
     });
 }
 
 /// A tile of this GEMM: see [`KquantTile`].
 type Tile<'a> = KquantTile<'a, PanelRef<'a>>;
 
-impl Tile<'_> {
-    fn run(&self, fast: bool) {
-        let (size, g, count) = (self.at.tokens, self.at.group, self.at.count);
-        let (k, blocks) = (self.tokens.k, self.tokens.blocks);
-        let first = self.at.first_token;
-        let last = first + size;
-        let panel = self.panel;
-        assert!(self.in_bounds() && panel.holds(blocks) && self.tokens.offsets.len() >= last * 2 * blocks);
-        #[cfg(target_arch = "x86_64")]
-        if fast {
-            macro_rules! dispatch {
-                ($($t:literal)*) => {
-                    match size {
-                        // SAFETY: `fast` means AVX512-VNNI was detected; the assert above bounds
-                        // every load, and the caller owns rows `..count` of these tokens' outputs.
-                        $($t => unsafe { x86::tile::<$t>(self) },)*
-                        _ => unreachable!("tiles hold 1..=TILE_TOKENS tokens"),
-                    }
-                };
-            }
-            dispatch!(1 2 3 4 5 6 7 8);
-            return;
-        }
-        let _ = fast;
-        let tokens = self.tokens;
+impl KquantPanel for PanelRef<'_> {
+    fn fits(&self, tokens: &Q8kTokens, last: usize) -> bool {
+        self.holds(tokens.blocks) && tokens.offsets.len() >= last * 2 * tokens.blocks
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn vnni(tile: &KquantTile<'_, Self>) {
+        // SAFETY: the caller meets `x86::tile`'s contract (`KquantPanel::vnni`'s).
+        unsafe { super::pack::dispatch_tile_tokens!(x86::tile, tile) }
+    }
+
+    fn scalar(tile: &KquantTile<'_, Self>, t: usize, i: usize) -> f32 {
+        let (panel, tokens, g) = (tile.panel, tile.tokens, tile.at.group);
+        let (k, blocks) = (tokens.k, tokens.blocks);
         let supers = blocks / 8;
-        for t in first..last {
-            for i in 0..count {
-                let mut acc = 0.0f32;
-                for s in 0..supers {
-                    let d = f16_to_f32(panel.d[(g * supers + s) * 16 + i]);
-                    let mut acc_super = 0.0f32;
-                    for b in 8 * s..8 * s + 8 {
-                        for half in 0..2 {
-                            let mut sum = tokens.offsets[t * 2 * blocks + 2 * b + half];
-                            for c in 16 * half..16 * half + 16 {
-                                sum += panel.six_bit(g, blocks, b, i, c) * tokens.qx[t * k + b * QK + c] as i32;
-                            }
-                            acc_super += sum as f32 * (panel.scale(g, blocks, b, half, i) as f32 * d);
-                        }
+        let mut acc = 0.0f32;
+        for s in 0..supers {
+            let d = f16_to_f32(panel.d[(g * supers + s) * 16 + i]);
+            let mut acc_super = 0.0f32;
+            for b in 8 * s..8 * s + 8 {
+                for half in 0..2 {
+                    let mut sum = tokens.offsets[t * 2 * blocks + 2 * b + half];
+                    for c in 16 * half..16 * half + 16 {
+                        sum += panel.six_bit(g, blocks, b, i, c) * tokens.qx[t * k + b * QK + c] as i32;
                     }
-                    acc += acc_super * tokens.d[t * supers + s];
+                    acc_super += sum as f32 * (panel.scale(g, blocks, b, half, i) as f32 * d);
                 }
-                // SAFETY: the caller owns rows `..count` of this tile's tokens in the output.
-                unsafe { self.out.write(self.out_index(t, i), acc) };
             }
+            acc += acc_super * tokens.d[t * supers + s];
         }
+        acc
     }
 }
 
@@ -240,12 +207,8 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{Tile, BLOCK_VECTORS};
-    use crate::cpu::pack::prefetch_lines;
+    use crate::cpu::pack::{prefetch_lines, TILE_PREFETCH_BLOCKS};
     use crate::quant::QK;
-
-    /// Blocks ahead of the one being multiplied whose panel lines the tiles prefetch (see
-    /// `gemm_q4k`'s tiles: 3 KiB here).
-    const TILE_PREFETCH: usize = 8;
 
     /// `T` tokens × the 16 rows of group `tile.group` (see the module doc).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -275,7 +238,7 @@ mod x86 {
                 let dv = _mm512_cvtph_ps(_mm256_loadu_si256(d.add(16 * s) as *const _));
                 let mut acc_super = [_mm512_setzero_ps(); T];
                 for b in 8 * s..8 * s + 8 {
-                    prefetch_lines::<BLOCK_VECTORS>(q.wrapping_add((b + TILE_PREFETCH) * BLOCK_VECTORS * 64));
+                    prefetch_lines::<BLOCK_VECTORS>(q.wrapping_add((b + TILE_PREFETCH_BLOCKS) * BLOCK_VECTORS * 64));
                     let mut lo = [_mm512_setzero_si512(); T];
                     let mut hi = [_mm512_setzero_si512(); T];
                     for t in 0..T {
@@ -334,29 +297,14 @@ mod tests {
     use super::*;
     use crate::cpu::int8_pack::reference;
 
-    /// Every ISA (VNNI where available, the scalar reference otherwise), partial groups and
-    /// panels, every tile size (1 to 8 tokens, and 13 = 8 + 5), against f64 sums over the
+    /// Every ISA (VNNI where available, the scalar reference otherwise), the shared k-quant
+    /// cases (`reference::check_kquant_gemm`), against f64 sums over the
     /// dequantised weights (`check_rounded_for`, as `gemm_q4k`'s test). Random weights give
     /// negative scales and every top-bit pattern.
     #[test]
     fn every_isa_matches_f64_reference() {
-        reference::check_kquant_gemm(
-            WeightFormat::Q6K,
-            19,
-            &[
-                (5, 1, 1),
-                (48, 2, 1),
-                (70, 3, 1),
-                (37, 2, 13),
-                (16, 1, 2),
-                (33, 1, 3),
-                (21, 2, 4),
-                (32, 1, 6),
-                (70, 3, 7),
-                (17, 1, 8),
-            ],
-            gemm_q6k,
-            |w| w.built_backend_copy::<Q6kPanels>().is_some(),
-        );
+        reference::check_kquant_gemm(WeightFormat::Q6K, 19, gemm_q6k, |w| {
+            w.built_backend_copy::<Q6kPanels>().is_some()
+        });
     }
 }

@@ -211,7 +211,20 @@ pub(crate) struct Q8kTokens {
     pub(crate) offsets: Vec<i32>,
 }
 
+thread_local! {
+    /// The k-quant GEMMs' activations, reused across calls on this thread.
+    static Q8K_TOKENS: std::cell::RefCell<Q8kTokens> = std::cell::RefCell::new(Q8kTokens::default());
+}
+
 impl Q8kTokens {
+    /// `f` of `x` (`[n, k]`) rounded for `format`'s weights into this thread's reusable tokens.
+    pub(crate) fn with_prepared<R>(format: WeightFormat, x: &[f32], k: usize, f: impl FnOnce(&Q8kTokens) -> R) -> R {
+        Q8K_TOKENS.with_borrow_mut(|tokens| {
+            tokens.prepare(format, x, k);
+            f(tokens)
+        })
+    }
+
     /// Rounds `x` (`[n, k]`, `k` a multiple of 256) for `format`'s weights (`Q4_K` or `Q6_K`),
     /// tokens spread over the thread pool.
     pub(crate) fn prepare(&mut self, format: WeightFormat, x: &[f32], k: usize) {
@@ -291,19 +304,35 @@ pub(crate) mod reference {
     use crate::quant::{PreparedActivations, QK_K};
     use crate::weight::{ByteView, WeightMatrix};
 
-    /// A k-quant panel GEMM (`gemm_q4k`, `gemm_q6k`) on every ISA: per `(rows, super-blocks, n)`
-    /// case, random weights quantised to `format` and [`activations`]; a fresh matrix per ISA
-    /// (so that each builds the panels it keeps, which `kept` must then find), its outputs held
-    /// to [`check_rounded_for`] with the `Q8_K` rounding of `format`.
+    /// `(rows, super-blocks, tokens)` of the k-quant GEMMs' cases: partial row groups and panels,
+    /// one token (the decode kernel), every tile size of 1 to 8 tokens, and 11 = 8 + 3, 13 = 8 + 5.
+    const KQUANT_CASES: [(usize, usize, usize); 12] = [
+        (5, 1, 1),
+        (48, 2, 1),
+        (70, 3, 1),
+        (16, 1, 2),
+        (33, 1, 3),
+        (33, 1, 4),
+        (21, 2, 4),
+        (32, 1, 6),
+        (70, 3, 7),
+        (17, 1, 8),
+        (21, 1, 11),
+        (37, 2, 13),
+    ];
+
+    /// A k-quant panel GEMM (`gemm_q4k`, `gemm_q6k`) on every ISA: per case of [`KQUANT_CASES`],
+    /// random weights quantised to `format` and [`activations`]; a fresh matrix per ISA (so that
+    /// each builds the panels it keeps, which `kept` must then find), its outputs held to
+    /// [`check_rounded_for`] with the `Q8_K` rounding of `format`.
     pub(crate) fn check_kquant_gemm(
         format: WeightFormat,
         seed: u64,
-        cases: &[(usize, usize, usize)],
         gemm: fn(Isa, &[f32], &WeightMatrix, &mut [f32]),
         kept: fn(&WeightMatrix) -> bool,
     ) {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        for &(rows, supers, n) in cases {
+        for (rows, supers, n) in KQUANT_CASES {
             let k = supers * QK_K;
             let values: Vec<f32> = (0..rows * k).map(|_| rng.random_range(-1.0f32..1.0).powi(3)).collect();
             let bytes = crate::quant::quantize(format, &values).unwrap();

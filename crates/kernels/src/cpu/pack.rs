@@ -128,25 +128,102 @@ impl<P> KquantTile<'_, P> {
     }
 }
 
-/// Runs `run` on every [`KquantTile`] of `tokens` (prepared) against a `rows`-row matrix whose
-/// panel `p` is `panel(p)`, at most `tile_tokens` tokens per tile, panels spread over the pool.
-pub(crate) fn for_each_kquant_tile<'a, P>(
+/// Calls `$kernel::<T>($tile)` for the tile's token count `T` (1 to 8): the k-quant GEMMs' VNNI
+/// tiles are generic over it. Expands to calls of `$kernel`, so it goes inside `unsafe` when
+/// that is an `unsafe fn`, whose contract the caller then meets.
+macro_rules! dispatch_tile_tokens {
+    ($($kernel:ident)::+, $tile:expr) => {
+        match $tile.at.tokens {
+            1 => $($kernel)::+::<1>($tile),
+            2 => $($kernel)::+::<2>($tile),
+            3 => $($kernel)::+::<3>($tile),
+            4 => $($kernel)::+::<4>($tile),
+            5 => $($kernel)::+::<5>($tile),
+            6 => $($kernel)::+::<6>($tile),
+            7 => $($kernel)::+::<7>($tile),
+            8 => $($kernel)::+::<8>($tile),
+            _ => unreachable!("k-quant tiles hold 1 to 8 tokens"),
+        }
+    };
+}
+pub(crate) use dispatch_tile_tokens;
+
+/// Tokens per k-quant tile (of one 16-row group: 8 integer and 8 f32 accumulators). One group
+/// at a time rather than a panel's 32 rows × 6 tokens: 8 tokens (a batch of 8 streams) then fill
+/// one tile instead of a 6-token and a 2-token one, and each tile's per-block float step is
+/// shared by more tokens. [`dispatch_tile_tokens`] covers 1 to this many.
+pub(crate) const KQUANT_TILE_TOKENS: usize = 8;
+
+/// How many blocks ahead of the one being multiplied the k-quant tiles prefetch their group's
+/// panel ([`prefetch_lines`]): about a memory latency at a few hundred cycles per block (2 KiB
+/// of `Q4_K`, 3 KiB of `Q6_K`; 4 and 16 measured alike). The one-token `Q4_K` kernel gains
+/// nothing from it: `decode/Q4_K` from DRAM read 30–34 GB/s with the next 4, 8 or 16 KiB
+/// prefetched and 30–31 without.
+#[cfg(target_arch = "x86_64")]
+pub(crate) const TILE_PREFETCH_BLOCKS: usize = 8;
+
+/// What a k-quant GEMM's panel (`gemm_q4k.rs`, `gemm_q6k.rs`) gives the shared tile driver.
+pub(crate) trait KquantPanel: Copy {
+    /// Whether the panel holds both groups of a matrix of `tokens.blocks` blocks per row, and
+    /// `tokens` the arrays this format's kernels read for tokens `..last`.
+    fn fits(&self, tokens: &Q8kTokens, last: usize) -> bool;
+
+    /// The scalar reference kernel: token `t`'s output for row `i` of `tile`.
+    fn scalar(tile: &KquantTile<'_, Self>, t: usize, i: usize) -> f32;
+
+    /// The VNNI kernel over the whole tile.
+    ///
+    /// # Safety
+    /// AVX512-F/BW/VL/VNNI must be available, the tile [`KquantTile::in_bounds`] and its panel
+    /// [`fits`](Self::fits), and rows `..count` of the tile's tokens in the output the caller's.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn vnni(tile: &KquantTile<'_, Self>);
+}
+
+impl<P: KquantPanel> KquantTile<'_, P> {
+    /// Checks the tile's bounds, then runs the VNNI kernel if `fast`, the scalar one otherwise.
+    fn run(&self, fast: bool) {
+        let last = self.at.first_token + self.at.tokens;
+        assert!(self.in_bounds() && self.panel.fits(self.tokens, last));
+        #[cfg(target_arch = "x86_64")]
+        if fast {
+            // SAFETY: `fast` means AVX512-VNNI was detected (the caller's promise); the assert
+            // above is the rest of the kernel's contract, and the driver hands each tile's
+            // output rows to one task.
+            unsafe { P::vnni(self) };
+            return;
+        }
+        let _ = fast;
+        for t in self.at.first_token..last {
+            for i in 0..self.at.count {
+                // SAFETY: the driver hands each tile to one task, which owns rows `..count` of
+                // the tile's tokens in the output.
+                unsafe { self.out.write(self.out_index(t, i), P::scalar(self, t, i)) };
+            }
+        }
+    }
+}
+
+/// Runs every [`KquantTile`] of `tokens` (prepared) against a `rows`-row matrix whose panel `p`
+/// is `panel(p)`, at most [`KQUANT_TILE_TOKENS`] tokens per tile, panels spread over the pool:
+/// through the VNNI kernels if `fast` (AVX512-VNNI detected), the scalar ones otherwise.
+pub(crate) fn for_each_kquant_tile<P: KquantPanel>(
     rows: usize,
-    tokens: &'a Q8kTokens,
-    tile_tokens: usize,
+    tokens: &Q8kTokens,
     out: SharedMut,
     panel: impl Fn(usize) -> P + Sync,
-    run: impl Fn(&KquantTile<'a, P>) + Sync,
+    fast: bool,
 ) {
     let n = tokens.qx.len() / tokens.k.max(1);
-    for_each_group_tile(rows, n, tile_tokens, |at| {
-        run(&KquantTile {
+    for_each_group_tile(rows, n, KQUANT_TILE_TOKENS, |at| {
+        KquantTile {
             panel: panel(at.panel),
             at,
             tokens,
             out,
             rows,
-        })
+        }
+        .run(fast)
     });
 }
 
