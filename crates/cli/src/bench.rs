@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use r1serve_kernels::cpu::bandwidth::measure_read_bandwidth;
+use r1serve_kernels::cpu::bandwidth::ReadProbe;
 use r1serve_kernels::PagedKvCache;
 use r1serve_model::{load_model_with, Batch, CausalLm, LoadFormat, LogitsWanted, ModelDir, SeqInput};
 use serde::Serialize;
@@ -14,6 +14,10 @@ use serde::Serialize;
 const BLOCK_SIZE: usize = 16;
 /// Large enough to defeat the caches of any CPU this runs on.
 const BANDWIDTH_BUFFER_BYTES: usize = 1 << 30;
+/// Passes over the probe's buffer per bandwidth sample: one sample before and one after each
+/// timed decode, or one of this many passes when nothing decodes.
+const PASSES_PER_SAMPLE: usize = 2;
+const PASSES_WITHOUT_DECODE: usize = 5;
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum LoadFormatArg {
@@ -69,7 +73,11 @@ struct Report {
     tg_tps_min: Option<f64>,
     tg_tps_max: Option<f64>,
     bytes_per_token: u64,
+    /// The median of the bandwidth samples taken next to the timed decodes (the bandwidth left
+    /// to this process moves on a shared machine), and their spread.
     read_bandwidth_gbs: f64,
+    read_bandwidth_gbs_min: f64,
+    read_bandwidth_gbs_max: f64,
     roofline_tps: f64,
     roofline_fraction: Option<f64>,
     /// With `--batch B`: sequences decoded together, their aggregate tokens/s, and the ratio to
@@ -185,7 +193,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
     }
 
-    let read_bandwidth_gbs = measure_read_bandwidth(BANDWIDTH_BUFFER_BYTES, 5);
+    let probe = ReadProbe::new(BANDWIDTH_BUFFER_BYTES);
+    let mut bandwidth = Vec::new();
     // One untimed pass of each warms the pages of a memory-mapped or freshly generated model
     // (and builds the kernels' packed weights, MoE experts included, as `serve` does at load).
     model.prepare_weights();
@@ -199,13 +208,21 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             pp.push(time_prefill(model.as_ref(), args.n_prompt)?);
         }
         if args.n_gen > 0 {
+            bandwidth.push(probe.sample(PASSES_PER_SAMPLE));
             tg.push(time_decode(model.as_ref(), args.n_gen, 1)?);
+            bandwidth.push(probe.sample(PASSES_PER_SAMPLE));
         }
         if args.batch > 1 {
             tg_batch.push(time_decode(model.as_ref(), args.n_gen, args.batch)?);
         }
     }
+    if bandwidth.is_empty() {
+        bandwidth.push(probe.sample(PASSES_WITHOUT_DECODE));
+    }
+    drop(probe);
     let (pp, tg, batched) = (median(pp), median(tg), median(tg_batch));
+    let (read_bandwidth_gbs, read_bandwidth_gbs_min, read_bandwidth_gbs_max) =
+        median(bandwidth).expect("at least one bandwidth sample");
     let bytes_per_token = model.weight_bytes_per_token();
     let roofline_tps = read_bandwidth_gbs * 1e9 / bytes_per_token as f64;
     let report = Report {
@@ -224,6 +241,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         tg_tps_max: tg.map(|(_, _, hi)| hi),
         bytes_per_token,
         read_bandwidth_gbs,
+        read_bandwidth_gbs_min,
+        read_bandwidth_gbs_max,
         roofline_tps,
         roofline_fraction: tg.map(|(m, _, _)| m / roofline_tps),
         batch: batched.map(|_| args.batch),
@@ -246,9 +265,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             );
         }
         print!(
-            "\nweights read per decoded token: {:.1} MiB; read bandwidth: {:.1} GB/s; roofline: {:.2} tokens/s",
+            "\nweights read per decoded token: {:.1} MiB; read bandwidth: {:.1} GB/s ({:.1}–{:.1}); roofline: {:.2} tokens/s",
             bytes_per_token as f64 / (1 << 20) as f64,
             read_bandwidth_gbs,
+            read_bandwidth_gbs_min,
+            read_bandwidth_gbs_max,
             roofline_tps,
         );
         match report.roofline_fraction {

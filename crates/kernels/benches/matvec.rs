@@ -285,13 +285,15 @@ fn gemm(c: &mut Criterion) {
 fn decode(c: &mut Criterion) {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
     let mut group = c.benchmark_group("decode");
-    for format in [
-        WeightFormat::Bf16,
-        WeightFormat::Q8_0,
-        WeightFormat::Q4K,
-        WeightFormat::Q6K,
+    for (format, rows, cols) in [
+        (WeightFormat::Bf16, 8960, 1536),
+        (WeightFormat::Q8_0, 8960, 1536),
+        (WeightFormat::Q4K, 8960, 1536),
+        (WeightFormat::Q6K, 8960, 1536),
+        (WeightFormat::Q6K, 1536, 8960),
+        (WeightFormat::Q6K, 151936, 1536),
     ] {
-        let one = gemm_weights(format, 8960, 1536, &mut rng);
+        let one = gemm_weights(format, rows, cols, &mut rng);
         let copies = working_set_bytes().div_ceil(one.stored_bytes()).max(1);
         let matrices: Vec<WeightMatrix> = (0..copies).map(|_| same_weights(&one)).collect();
         let x: Vec<f32> = (0..one.cols()).map(|_| rng.random_range(-1.0..1.0)).collect();
@@ -303,7 +305,7 @@ fn decode(c: &mut Criterion) {
             cpu::matmul(&x, w, &mut out, MatmulPrecision::default());
         }
         let mut next = 0;
-        group.bench_function(format!("{}/matmul", format.name()), |b| {
+        group.bench_function(format!("{}/{rows}x{cols}/matmul", format.name()), |b| {
             b.iter(|| {
                 cpu::matmul(&x, &matrices[next % copies], &mut out, MatmulPrecision::default());
                 next += 1;

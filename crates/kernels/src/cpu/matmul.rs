@@ -84,10 +84,12 @@ fn gemm_for(w: &WeightMatrix, isa: Isa, repack: bool) -> Gemm {
 ///   tokens (2: 37.1–38.6 vs 33.3–35.7 with `Q4_K` through the multi dots; 8: 86–87); `Q4_K`
 ///   from 1 token too, through the panels' one-token kernel (8960×1536 from DRAM on 2 threads:
 ///   25.0–32.4 GB/s vs 22.5–25.5 for the row dots; from L3 65–67 vs 23–29; Q4_K_M tg
-///   26.1–27.5 vs 25.4–26.3, alternated); `Q6_K` from 2 tokens through `gemm_q6k`'s six-bit
-///   panels (one thread, 8960×1536 from L3: 8 tokens 293 vs 258 GFLOP/s for the integer GEMM's
-///   int8 panels, 64 tokens 285 vs 268), one token through the row dots (the panels' tile at
-///   one token: Q4_K_M tg 0.93–0.97× in four of six alternated pairs);
+///   26.1–27.5 vs 25.4–26.3, alternated); `Q6_K` through `gemm_q6k`'s six-bit panels from 2
+///   tokens (one thread, 8960×1536 from L3: 8 tokens 293 vs 258 GFLOP/s for the integer GEMM's
+///   int8 panels, 64 tokens 285 vs 268) and from 1 token through the panels' one-token kernel
+///   (2 threads, 8960×1536 from L3: 91–122 GB/s vs 43–57 for the row dots; from DRAM alike,
+///   25–33 GB/s, the 1536×8960 down projection's 25–32 vs 30–39; Q4_K_M tg 91–95% of the
+///   roofline vs 88–93% in alternated pairs where the probe read 33–35 GB/s);
 /// - panels packed per call: the packing is what small batches pay for — one thread, 8960×1536:
 ///   at 4 tokens 45 vs 62 GFLOP/s for the dots, at 8 tokens 75–83 vs 57–64; the multi dots
 ///   `Q8_0` 82–92 GFLOP/s at 4–5 tokens vs 60–101, 58–87 vs 74–134 at 8; `Q4_K` 96–109 vs
@@ -104,8 +106,7 @@ fn choose_path(w: &WeightMatrix, isa: Isa, n: usize, repack: bool) -> Path {
     }
     let gemm = gemm_for(w, isa, repack);
     let gemm_min = match gemm {
-        Gemm::Fp8 | Gemm::Q4k => 1,
-        Gemm::Q6k => 2,
+        Gemm::Fp8 | Gemm::Q4k | Gemm::Q6k => 1,
         Gemm::Int8 if repack && format == WeightFormat::Q8_0 => 1,
         Gemm::Int8 if repack => 2,
         Gemm::Int8 => 6,
