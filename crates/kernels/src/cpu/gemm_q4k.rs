@@ -25,13 +25,13 @@
 //! `acc += acc_super · d_x`. Accuracy: the integer sums are exact, so a result is within
 //! `Σ_super-blocks d_x/2 · Σ|w|` (plus f32 rounding) of the exact product.
 //!
-//! One token (decode) takes its own kernel over the same panels ([`gemv_q4k`]): it applies the
+//! A one-token tile (decode) takes its own kernel (`x86::gemv_group`): it applies the
 //! sub-block scales and mins in i32 and converts once per super-block, on 16 rows at once, so
 //! each 64-byte load feeds two `vpdpbusd` and no horizontal sums are needed.
 
 use super::dot::Isa;
 use super::int8_pack::Q8kTokens;
-use super::pack::{for_each_group_tile, for_each_kquant_tile, AlignedBuf, KquantPanel, KquantTile, PANEL_ROWS};
+use super::pack::{for_each_kquant_tile, AlignedBuf, KquantPanel, KquantTile, PANEL_ROWS};
 use super::pool::{self, DisjointChunks};
 use super::SharedMut;
 use crate::dtype::{f16_to_f32, WeightFormat};
@@ -210,63 +210,8 @@ pub fn gemm_q4k(isa: Isa, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
     let fast = available(isa);
     let panels = w.backend_copy(|| Q4kPanels::build(w));
     Q8kTokens::with_prepared(WeightFormat::Q4K, x, k, |tokens| {
-        let dst = SharedMut::new(out);
-        if n == 1 {
-            return gemv_q4k(fast, panels, tokens, rows, dst);
-        }
-        for_each_kquant_tile(rows, tokens, dst, |p| panels.panel(p), fast);
+        for_each_kquant_tile(rows, tokens, SharedMut::new(out), |p| panels.panel(p), fast);
     });
-}
-
-/// `out[rows] = w · x` for one token (`token`, prepared) over `w`'s kept `panels` (see the module
-/// doc), with the VNNI kernel if `fast`: the activations rounded per 256 values as the row dots
-/// round them, so both give the same sums up to f32 summation order. Called by [`gemm_q4k`] for
-/// one token.
-fn gemv_q4k(fast: bool, panels: &Q4kPanels, token: &Q8kTokens, rows: usize, out: SharedMut) {
-    let blocks = panels.blocks;
-    assert!(
-        token.blocks == blocks && token.qx.len() == blocks * QK && token.block_sums.len() == blocks,
-        "one token of the matrix's width"
-    );
-    for_each_group_tile(rows, 1, 1, |at| {
-        let panel = panels.panel(at.panel);
-        #[cfg(target_arch = "x86_64")]
-        if fast {
-            // SAFETY: `fast` means AVX512-VNNI was detected; the panel holds both groups' `blocks`
-            // blocks (asserted in `gemv_group`), and rows `first_row..first_row + count` of the
-            // output belong to this tile alone.
-            unsafe { x86::gemv_group(panel, at.group, token, out.ptr().add(at.first_row), at.count) };
-            return;
-        }
-        let _ = fast;
-        for i in 0..at.count {
-            let value = gemv_row_scalar(panel, at.group, i, token);
-            // SAFETY: row `first_row + i < rows` belongs to this tile alone.
-            unsafe { out.write(at.first_row + i, value) };
-        }
-    });
-}
-
-/// The scalar reference of the one-token kernel: row `i` of group `g`.
-fn gemv_row_scalar(panel: PanelRef<'_>, g: usize, i: usize, token: &Q8kTokens) -> f32 {
-    let blocks = token.blocks;
-    let supers = blocks / 8;
-    let mut acc = 0.0f32;
-    for s in 0..supers {
-        let (mut sum, mut mins) = (0i32, 0i32);
-        for b in 8 * s..8 * s + 8 {
-            let mut block = 0i32;
-            for c in 0..QK {
-                block += panel.nibble(g, blocks, b, i, c) as i32 * token.qx[b * QK + c] as i32;
-            }
-            let (scale, min) = panel.scale_min(g, blocks, b, i);
-            sum += block * scale as i32;
-            mins += min as i32 * token.block_sums[b] as i32;
-        }
-        let (d, dmin) = panel.super_scales(g, supers, s, i);
-        acc += sum as f32 * (d * token.d[s]) + mins as f32 * (dmin * token.d[s]);
-    }
-    acc
 }
 
 /// A tile of this GEMM: see [`KquantTile`].
@@ -279,8 +224,14 @@ impl KquantPanel for PanelRef<'_> {
 
     #[cfg(target_arch = "x86_64")]
     unsafe fn vnni(tile: &KquantTile<'_, Self>) {
-        // SAFETY: the caller meets `x86::tile`'s contract (`KquantPanel::vnni`'s).
-        unsafe { super::pack::dispatch_tile_tokens!(x86::tile, tile) }
+        // SAFETY: the caller meets the contract of both kernels (`KquantPanel::vnni`'s).
+        unsafe {
+            if tile.at.tokens == 1 {
+                x86::gemv_group(tile)
+            } else {
+                super::pack::dispatch_tile_tokens!(x86::tile, tile)
+            }
+        }
     }
 
     fn scalar(tile: &KquantTile<'_, Self>, t: usize, i: usize) -> f32 {
@@ -310,33 +261,27 @@ impl KquantPanel for PanelRef<'_> {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{PanelRef, Tile};
-    use crate::cpu::int8_pack::Q8kTokens;
+    use super::Tile;
     use crate::cpu::pack::{prefetch_lines, TILE_PREFETCH_BLOCKS};
     use crate::quant::QK;
 
-    /// Rows `16·g..16·g + count` of `panel` times one `Q8_K` token, stored at `out`: see
-    /// `gemv_q4k`. Per 32-value block, four 64-byte loads give eight `vpdpbusd` (low and high
-    /// nibbles into two chains); the block's i32 sum is scaled by its sub-block scales with
-    /// `vpmulld` (|sum| ≤ 32·15·128, times a scale < 64, eight blocks: below 2³¹) and the mins'
-    /// term likewise (the block sums, small integers, are exact in f32), and each super-block
-    /// converts to f32 once.
+    /// The one-token tile `tile` (a decode step): rows of one 16-row group at once. Per 32-value
+    /// block, four 64-byte loads give eight `vpdpbusd` (low and high nibbles into two chains);
+    /// the block's i32 sum is scaled by its sub-block scales with `vpmulld` (|sum| ≤
+    /// 32·15·128, times a scale < 64, eight blocks: below 2³¹) and the mins' term likewise (the
+    /// block sums, small integers, are exact in f32), and each super-block converts to f32 once,
+    /// so no float work remains per block.
     ///
     /// # Safety
-    /// AVX512-F/BW/VL/VNNI must be available and `out..out + count` writable by this caller alone.
+    /// As [`tile`]'s.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub(super) unsafe fn gemv_group(panel: PanelRef<'_>, g: usize, token: &Q8kTokens, out: *mut f32, count: usize) {
-        let blocks = token.blocks;
+    pub(super) unsafe fn gemv_group(tile: &Tile<'_>) {
+        let (k, blocks) = (tile.tokens.k, tile.tokens.blocks);
         let supers = blocks / 8;
-        assert!(
-            g < 2
-                && count <= 16
-                && panel.holds(blocks)
-                && token.qx.len() >= blocks * QK
-                && token.d.len() >= supers
-                && token.block_sums.len() >= blocks
-        );
-        // SAFETY: every offset below stays inside the lengths asserted above.
+        let (panel, g, t0) = (tile.panel, tile.at.group, tile.at.first_token);
+        // SAFETY: the group, the token and its arrays lie in the panel and the prepared tokens
+        // (the tile is in bounds and its panel fits: the caller's contract); the output rows
+        // `..count` of token `t0` are the caller's.
         unsafe {
             let q = (panel.q.as_ptr() as *const u8).add(g * blocks * 256);
             let scales = panel.scales.as_ptr().add(g * blocks * 16);
@@ -345,7 +290,11 @@ mod x86 {
                 panel.d.as_ptr().add(g * supers * 16),
                 panel.dmin.as_ptr().add(g * supers * 16),
             );
-            let qx = token.qx.as_ptr();
+            let qx = tile.tokens.qx.as_ptr().add(t0 * k);
+            let (dx, block_sums) = (
+                tile.tokens.d.as_ptr().add(t0 * supers),
+                tile.tokens.block_sums.as_ptr().add(t0 * blocks),
+            );
             let (low, high_nibbles) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(0xf0u8 as i8));
             let mut acc = _mm512_setzero_ps();
             for s in 0..supers {
@@ -366,10 +315,10 @@ mod x86 {
                     let (block_scales, block_mins) = high.next_block(scales.add(16 * b));
                     let block = _mm512_add_epi32(lo, _mm512_srai_epi32::<4>(hi));
                     sum = _mm512_add_epi32(sum, _mm512_mullo_epi32(block, block_scales));
-                    let block_sum = _mm512_set1_epi32(token.block_sums[b] as i32);
+                    let block_sum = _mm512_set1_epi32(*block_sums.add(b) as i32);
                     mins = _mm512_add_epi32(mins, _mm512_mullo_epi32(block_mins, block_sum));
                 }
-                let dx = _mm512_set1_ps(token.d[s]);
+                let dx = _mm512_set1_ps(*dx.add(s));
                 acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(half16(d.add(16 * s)), dx), acc);
                 acc = _mm512_fmadd_ps(
                     _mm512_cvtepi32_ps(mins),
@@ -377,7 +326,8 @@ mod x86 {
                     acc,
                 );
             }
-            _mm512_mask_storeu_ps(out, ((1u32 << count) - 1) as u16, acc);
+            let out = tile.out.ptr().add(tile.out_index(t0, 0));
+            _mm512_mask_storeu_ps(out, ((1u32 << tile.at.count) - 1) as u16, acc);
         }
     }
 

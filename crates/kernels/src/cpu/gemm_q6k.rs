@@ -19,15 +19,15 @@
 //! Activations are rounded as for `Q4_K` (`Q8_K`: one scale `d_x` per 256 values). A stored value
 //! `q` (0..64) means `q − 32`, so each chain starts at `−32·Σq_x` of its 16 activations and sums
 //! `Σ q·q_x` exactly in i32. The tiles add `f32(chain)·(d·scale)` per sub-block and token into a
-//! super-block accumulator and multiply by `d_x` once per super-block. One token (decode) takes
-//! its own kernel ([`gemv_q6k`]), which scales the chains in i32 and converts once per
+//! super-block accumulator and multiply by `d_x` once per super-block. A one-token tile (decode) takes
+//! its own kernel (`x86::gemv_group`), which scales the chains in i32 and converts once per
 //! super-block, on 16 rows at once: 2.4× the row dots' speed from L3 (see `matmul.rs`).
 //! Accuracy: the integer sums are exact, so a result is within
 //! `Σ_super-blocks d_x/2 · Σ|w|` (plus f32 rounding) of the exact product.
 
 use super::dot::Isa;
 use super::int8_pack::Q8kTokens;
-use super::pack::{for_each_group_tile, for_each_kquant_tile, AlignedBuf, KquantPanel, KquantTile, PANEL_ROWS};
+use super::pack::{for_each_kquant_tile, AlignedBuf, KquantPanel, KquantTile, PANEL_ROWS};
 use super::pool::{self, DisjointChunks};
 use super::SharedMut;
 use crate::dtype::{f16_to_f32, WeightFormat};
@@ -162,32 +162,7 @@ pub fn gemm_q6k(isa: Isa, x: &[f32], w: &WeightMatrix, out: &mut [f32]) {
     let fast = available(isa);
     let panels = w.backend_copy(|| Q6kPanels::build(w));
     Q8kTokens::with_prepared(WeightFormat::Q6K, x, k, |tokens| {
-        let dst = SharedMut::new(out);
-        #[cfg(target_arch = "x86_64")]
-        if n == 1 && fast {
-            return gemv_q6k(panels, tokens, rows, dst);
-        }
-        for_each_kquant_tile(rows, tokens, dst, |p| panels.panel(p), fast);
-    });
-}
-
-/// `out[rows] = w · x` for one token (`token`, prepared) over `w`'s kept `panels`, with the VNNI
-/// kernel (the caller checked [`available`]): the same sums as the tiles' up to f32 summation
-/// order.
-#[cfg(target_arch = "x86_64")]
-fn gemv_q6k(panels: &Q6kPanels, token: &Q8kTokens, rows: usize, out: SharedMut) {
-    for_each_group_tile(rows, 1, 1, |at| {
-        // SAFETY: the caller checked that AVX512-VNNI is available; `gemv_group` asserts what it
-        // reads, and rows `first_row..first_row + count` of the output belong to this tile alone.
-        unsafe {
-            x86::gemv_group(
-                panels.panel(at.panel),
-                at.group,
-                token,
-                out.ptr().add(at.first_row),
-                at.count,
-            )
-        };
+        for_each_kquant_tile(rows, tokens, SharedMut::new(out), |p| panels.panel(p), fast);
     });
 }
 
@@ -201,8 +176,14 @@ impl KquantPanel for PanelRef<'_> {
 
     #[cfg(target_arch = "x86_64")]
     unsafe fn vnni(tile: &KquantTile<'_, Self>) {
-        // SAFETY: the caller meets `x86::tile`'s contract (`KquantPanel::vnni`'s).
-        unsafe { super::pack::dispatch_tile_tokens!(x86::tile, tile) }
+        // SAFETY: the caller meets the contract of both kernels (`KquantPanel::vnni`'s).
+        unsafe {
+            if tile.at.tokens == 1 {
+                x86::gemv_group(tile)
+            } else {
+                super::pack::dispatch_tile_tokens!(x86::tile, tile)
+            }
+        }
     }
 
     fn scalar(tile: &KquantTile<'_, Self>, t: usize, i: usize) -> f32 {
@@ -232,8 +213,7 @@ impl KquantPanel for PanelRef<'_> {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{PanelRef, Tile, BLOCK_VECTORS};
-    use crate::cpu::int8_pack::Q8kTokens;
+    use super::{Tile, BLOCK_VECTORS};
     use crate::cpu::pack::{prefetch_lines, TILE_PREFETCH_BLOCKS};
     use crate::quant::QK;
 
@@ -267,31 +247,30 @@ mod x86 {
         )
     }
 
-    /// Rows `16·g..16·g + count` of `panel` times one `Q8_K` token, stored at `out`: see
-    /// `gemv_q6k`. Each 16-value chain (started at its `−32·Σq_x`) is scaled by its sub-block
-    /// scales in i32 (`|chain| ≤ 16·32·128`, times |scale| ≤ 128, 16 chains: below 2³¹) and
-    /// each super-block converts to f32 once, so no per-block float work remains.
+    /// The one-token tile `tile` (a decode step): rows of one 16-row group at once. Each 16-value
+    /// chain (started at its `−32·Σq_x`) is scaled by its sub-block scale in i32 (`|chain| ≤
+    /// 16·32·128`, times |scale| ≤ 128, 16 chains: below 2³¹) and each super-block converts to
+    /// f32 once, so no float work remains per block: from L3, 2.4× the row dots' speed.
     ///
     /// # Safety
-    /// AVX512-F/BW/VL/VNNI must be available and `out..out + count` writable by this caller alone.
+    /// As [`tile`]'s.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub(super) unsafe fn gemv_group(panel: PanelRef<'_>, g: usize, token: &Q8kTokens, out: *mut f32, count: usize) {
-        let blocks = token.blocks;
+    pub(super) unsafe fn gemv_group(tile: &Tile<'_>) {
+        let (k, blocks) = (tile.tokens.k, tile.tokens.blocks);
         let supers = blocks / 8;
-        assert!(
-            g < 2
-                && count <= 16
-                && panel.holds(blocks)
-                && token.qx.len() >= blocks * QK
-                && token.d.len() >= supers
-                && token.offsets.len() >= 2 * blocks
-        );
-        // SAFETY: every offset below stays inside the lengths asserted above.
+        let (panel, g, t0) = (tile.panel, tile.at.group, tile.at.first_token);
+        // SAFETY: the group, the token and its arrays lie in the panel and the prepared tokens
+        // (the tile is in bounds and its panel fits: the caller's contract); the output rows
+        // `..count` of token `t0` are the caller's.
         unsafe {
             let q = (panel.q.as_ptr() as *const u8).add(g * blocks * BLOCK_VECTORS * 64);
             let scales = panel.scales.as_ptr().add(g * blocks * 2 * 16);
             let d = panel.d.as_ptr().add(g * supers * 16);
-            let (qx, offsets) = (token.qx.as_ptr(), token.offsets.as_ptr());
+            let qx = tile.tokens.qx.as_ptr().add(t0 * k);
+            let (dx, offsets) = (
+                tile.tokens.d.as_ptr().add(t0 * supers),
+                tile.tokens.offsets.as_ptr().add(t0 * 2 * blocks),
+            );
             let mut acc = _mm512_setzero_ps();
             for s in 0..supers {
                 let mut sum = _mm512_setzero_si512();
@@ -317,11 +296,12 @@ mod x86 {
                 let dv = _mm512_cvtph_ps(_mm256_loadu_si256(d.add(16 * s) as *const _));
                 acc = _mm512_fmadd_ps(
                     _mm512_cvtepi32_ps(sum),
-                    _mm512_mul_ps(dv, _mm512_set1_ps(token.d[s])),
+                    _mm512_mul_ps(dv, _mm512_set1_ps(*dx.add(s))),
                     acc,
                 );
             }
-            _mm512_mask_storeu_ps(out, ((1u32 << count) - 1) as u16, acc);
+            let out = tile.out.ptr().add(tile.out_index(t0, 0));
+            _mm512_mask_storeu_ps(out, ((1u32 << tile.at.count) - 1) as u16, acc);
         }
     }
 

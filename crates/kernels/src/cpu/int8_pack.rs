@@ -305,8 +305,9 @@ pub(crate) mod reference {
     use crate::weight::{ByteView, WeightMatrix};
 
     /// `(rows, super-blocks, tokens)` of the k-quant GEMMs' cases: partial row groups and panels,
-    /// one token (the decode kernel), every tile size of 1 to 8 tokens, and 11 = 8 + 3, 13 = 8 + 5.
-    const KQUANT_CASES: [(usize, usize, usize); 12] = [
+    /// one token (the decode kernel), every tile size of 1 to 8 tokens, 9 = 8 + 1 (the one-token
+    /// kernel on a token past the first), and 11 = 8 + 3, 13 = 8 + 5.
+    const KQUANT_CASES: [(usize, usize, usize); 13] = [
         (5, 1, 1),
         (48, 2, 1),
         (70, 3, 1),
@@ -317,6 +318,7 @@ pub(crate) mod reference {
         (32, 1, 6),
         (70, 3, 7),
         (17, 1, 8),
+        (19, 2, 9),
         (21, 1, 11),
         (37, 2, 13),
     ];
