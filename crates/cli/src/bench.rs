@@ -12,7 +12,8 @@ use r1serve_model::{load_model_with, Batch, CausalLm, LoadFormat, LogitsWanted, 
 use serde::Serialize;
 
 const BLOCK_SIZE: usize = 16;
-/// Large enough to defeat the caches of any CPU this runs on.
+/// Large enough to defeat the caches of any CPU this runs on (held for the whole run, next to
+/// the model, so that each sample costs only its reads).
 const BANDWIDTH_BUFFER_BYTES: usize = 1 << 30;
 /// Passes over the probe's buffer per bandwidth sample: one sample before and one after each
 /// timed decode, or one of this many passes when nothing decodes.
