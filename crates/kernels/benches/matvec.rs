@@ -289,6 +289,7 @@ fn decode(c: &mut Criterion) {
         (WeightFormat::Bf16, 8960, 1536),
         (WeightFormat::Q8_0, 8960, 1536),
         (WeightFormat::Q4K, 8960, 1536),
+        (WeightFormat::Q4K, 1536, 8960),
         (WeightFormat::Q6K, 8960, 1536),
         (WeightFormat::Q6K, 1536, 8960),
         (WeightFormat::Q6K, 151936, 1536),
