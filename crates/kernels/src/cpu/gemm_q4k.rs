@@ -224,14 +224,14 @@ impl KquantPanel for PanelRef<'_> {
 
     #[cfg(target_arch = "x86_64")]
     unsafe fn vnni(tile: &KquantTile<'_, Self>) {
-        // SAFETY: the caller meets the contract of both kernels (`KquantPanel::vnni`'s).
-        unsafe {
-            if tile.at.tokens == 1 {
-                x86::gemv_group(tile)
-            } else {
-                super::pack::dispatch_tile_tokens!(x86::tile, tile)
-            }
-        }
+        // SAFETY: the caller meets `x86::tile`'s contract (`KquantPanel::vnni`'s).
+        unsafe { super::pack::dispatch_tile_tokens!(x86::tile, tile) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn vnni_one_token(tile: &KquantTile<'_, Self>) {
+        // SAFETY: the caller meets `x86::gemv_group`'s contract (`KquantPanel::vnni_one_token`'s).
+        unsafe { x86::gemv_group(tile) }
     }
 
     fn scalar(tile: &KquantTile<'_, Self>, t: usize, i: usize) -> f32 {
@@ -273,7 +273,7 @@ mod x86 {
     /// so no float work remains per block.
     ///
     /// # Safety
-    /// As [`tile`]'s.
+    /// `KquantPanel::vnni_one_token`'s contract.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     pub(super) unsafe fn gemv_group(tile: &Tile<'_>) {
         let (k, blocks) = (tile.tokens.k, tile.tokens.blocks);

@@ -128,13 +128,13 @@ impl<P> KquantTile<'_, P> {
     }
 }
 
-/// Calls `$kernel::<T>($tile)` for the tile's token count `T` (1 to 8): the k-quant GEMMs' VNNI
-/// tiles are generic over it. Expands to calls of `$kernel`, so it goes inside `unsafe` when
-/// that is an `unsafe fn`, whose contract the caller then meets.
+/// Calls `$kernel::<T>($tile)` for the tile's token count `T` (2 to 8; one token takes
+/// [`KquantPanel::vnni_one_token`]): the k-quant GEMMs' VNNI tiles are generic over it. Expands
+/// to calls of `$kernel`, so it goes inside `unsafe` when that is an `unsafe fn`, whose contract
+/// the caller then meets.
 macro_rules! dispatch_tile_tokens {
     ($($kernel:ident)::+, $tile:expr) => {
         match $tile.at.tokens {
-            1 => $($kernel)::+::<1>($tile),
             2 => $($kernel)::+::<2>($tile),
             3 => $($kernel)::+::<3>($tile),
             4 => $($kernel)::+::<4>($tile),
@@ -142,7 +142,7 @@ macro_rules! dispatch_tile_tokens {
             6 => $($kernel)::+::<6>($tile),
             7 => $($kernel)::+::<7>($tile),
             8 => $($kernel)::+::<8>($tile),
-            _ => unreachable!("k-quant tiles hold 1 to 8 tokens"),
+            _ => unreachable!("k-quant tiles of several tokens hold 2 to 8"),
         }
     };
 }
@@ -151,14 +151,15 @@ pub(crate) use dispatch_tile_tokens;
 /// Tokens per k-quant tile (of one 16-row group: 8 integer and 8 f32 accumulators). One group
 /// at a time rather than a panel's 32 rows × 6 tokens: 8 tokens (a batch of 8 streams) then fill
 /// one tile instead of a 6-token and a 2-token one, and each tile's per-block float step is
-/// shared by more tokens. [`dispatch_tile_tokens`] covers 1 to this many.
+/// shared by more tokens. [`dispatch_tile_tokens`] covers 2 to this many.
 pub(crate) const KQUANT_TILE_TOKENS: usize = 8;
 
 /// How many blocks ahead of the one being multiplied the k-quant tiles prefetch their group's
 /// panel ([`prefetch_lines`]): about a memory latency at a few hundred cycles per block (2 KiB
-/// of `Q4_K`, 3 KiB of `Q6_K`; 4 and 16 measured alike). The one-token `Q4_K` kernel gains
-/// nothing from it: `decode/Q4_K` from DRAM read 30–34 GB/s with the next 4, 8 or 16 KiB
-/// prefetched and 30–31 without.
+/// of `Q4_K`, 3 KiB of `Q6_K`; 4 and 16 measured alike). The one-token `Q6_K` kernel prefetches
+/// the same distance (its down projection from DRAM: 27–32 GB/s vs 23–26 without); the
+/// one-token `Q4_K` kernel gains nothing from it (`decode/Q4_K` from DRAM 30–34 GB/s with the
+/// next 4, 8 or 16 KiB prefetched and 30–31 without; at 1536×8960 no tg change).
 #[cfg(target_arch = "x86_64")]
 pub(crate) const TILE_PREFETCH_BLOCKS: usize = 8;
 
@@ -171,13 +172,22 @@ pub(crate) trait KquantPanel: Copy {
     /// The scalar reference kernel: token `t`'s output for row `i` of `tile`.
     fn scalar(tile: &KquantTile<'_, Self>, t: usize, i: usize) -> f32;
 
-    /// The VNNI kernel over the whole tile.
+    /// The VNNI kernel over a whole tile of 2 to [`KQUANT_TILE_TOKENS`] tokens.
     ///
     /// # Safety
     /// AVX512-F/BW/VL/VNNI must be available, the tile [`KquantTile::in_bounds`] and its panel
     /// [`fits`](Self::fits), and rows `..count` of the tile's tokens in the output the caller's.
     #[cfg(target_arch = "x86_64")]
     unsafe fn vnni(tile: &KquantTile<'_, Self>);
+
+    /// The VNNI kernel over a tile of one token (a decode step, or a batch's last token): it
+    /// scales in integers and converts once per super-block, where the tiles share a float step
+    /// per block among their tokens.
+    ///
+    /// # Safety
+    /// As [`vnni`](Self::vnni)'s.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn vnni_one_token(tile: &KquantTile<'_, Self>);
 }
 
 impl<P: KquantPanel> KquantTile<'_, P> {
@@ -188,9 +198,15 @@ impl<P: KquantPanel> KquantTile<'_, P> {
         #[cfg(target_arch = "x86_64")]
         if fast {
             // SAFETY: `fast` means AVX512-VNNI was detected (the caller's promise); the assert
-            // above is the rest of the kernel's contract, and the driver hands each tile's
+            // above is the rest of the kernels' contract, and the driver hands each tile's
             // output rows to one task.
-            unsafe { P::vnni(self) };
+            unsafe {
+                if self.at.tokens == 1 {
+                    P::vnni_one_token(self)
+                } else {
+                    P::vnni(self)
+                }
+            }
             return;
         }
         let _ = fast;
