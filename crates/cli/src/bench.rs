@@ -12,6 +12,9 @@ use r1serve_model::{load_model_with, Batch, CausalLm, LoadFormat, LogitsWanted, 
 use serde::Serialize;
 
 const BLOCK_SIZE: usize = 16;
+/// Context tokens filled per forward pass (`-d`): a server's prefill chunk, so a deep context
+/// costs no more scratch memory than serving it would.
+const DEPTH_CHUNK: usize = 512;
 /// Large enough to defeat the caches of any CPU this runs on (held for the whole run, next to
 /// the model, so that each sample costs only its reads).
 const BANDWIDTH_BUFFER_BYTES: usize = 1 << 30;
@@ -47,6 +50,10 @@ pub struct BenchArgs {
     /// Tokens decoded one at a time (tg); 0 skips the test.
     #[arg(short = 'n', long = "n-gen", default_value_t = 32)]
     n_gen: usize,
+    /// Tokens of context already in the KV cache when each test starts (llama-bench's `-d`):
+    /// decode and prefill speed at a conversation's or a reasoning trace's length.
+    #[arg(short = 'd', long = "n-depth", default_value_t = 0)]
+    n_depth: usize,
     #[arg(long, default_value_t = 5)]
     repetitions: usize,
     /// Also decode this many sequences together in one batch per step (aggregate tokens/s).
@@ -65,6 +72,7 @@ struct Report {
     threads: usize,
     n_prompt: usize,
     n_gen: usize,
+    n_depth: usize,
     repetitions: usize,
     /// `null` for a test skipped with `-p 0` / `-n 0`.
     pp_tps: Option<f64>,
@@ -73,7 +81,11 @@ struct Report {
     tg_tps: Option<f64>,
     tg_tps_min: Option<f64>,
     tg_tps_max: Option<f64>,
+    /// What one decoded token reads: the weights it multiplies by, and the KV cache entries its
+    /// attention reads (the mean over the tg run's positions: `n_depth + (n_gen + 1) / 2`).
     bytes_per_token: u64,
+    weight_bytes_per_token: u64,
+    kv_cache_bytes_per_token: u64,
     /// The median of the bandwidth samples taken next to the timed decodes (the bandwidth left
     /// to this process moves on a shared machine), and their spread.
     read_bandwidth_gbs: f64,
@@ -110,31 +122,81 @@ fn prompt_ids(n: usize, vocab: usize) -> Vec<u32> {
     (0..n).map(|i| ((i * 7919 + 13) % vocab) as u32).collect()
 }
 
-fn time_prefill(model: &dyn CausalLm, n: usize) -> anyhow::Result<f64> {
-    let blocks = n.div_ceil(BLOCK_SIZE);
-    let mut cache = PagedKvCache::new(BLOCK_SIZE, blocks, &model.kv_entry_widths());
-    let table: Vec<u32> = (0..blocks as u32).collect();
+/// The KV cache the timed tests run in, `depth` tokens of context filled once (llama-bench's
+/// `-d`): every test writes positions from `depth` on only, so each repetition finds the same
+/// context. The context's full blocks are shared by the sequences (as a cached prefix is); each
+/// sequence holds the rest of its positions in blocks of its own.
+struct FilledContext {
+    cache: PagedKvCache,
+    depth: usize,
+    shared: Vec<u32>,
+    own: Vec<Vec<u32>>,
+}
+
+impl FilledContext {
+    /// Room for `depth` tokens plus `tokens` more in each of `streams` sequences, the context
+    /// filled.
+    fn fill(model: &dyn CausalLm, depth: usize, tokens: usize, streams: usize) -> anyhow::Result<Self> {
+        let full = depth / BLOCK_SIZE;
+        let own_blocks = (depth % BLOCK_SIZE + tokens).div_ceil(BLOCK_SIZE).max(1);
+        let mut context = FilledContext {
+            cache: PagedKvCache::new(BLOCK_SIZE, full + streams * own_blocks, &model.kv_entry_widths()),
+            depth,
+            shared: (0..full as u32).collect(),
+            own: (0..streams)
+                .map(|s| (0..own_blocks).map(|b| (full + s * own_blocks + b) as u32).collect())
+                .collect(),
+        };
+        let ids = prompt_ids(depth, model.info().vocab_size);
+        // The first sequence fills the whole context; the others only their own part of it.
+        for stream in 0..streams {
+            let from = if stream == 0 { 0 } else { full * BLOCK_SIZE };
+            let mut start = from;
+            while start < depth {
+                let end = (start + DEPTH_CHUNK).min(depth);
+                context.forward(model, stream, &ids[start..end], start, LogitsWanted::None)?;
+                start = end;
+            }
+        }
+        Ok(context)
+    }
+
+    fn table(&self, stream: usize) -> Vec<u32> {
+        [&self.shared[..], &self.own[stream][..]].concat()
+    }
+
+    fn forward(
+        &mut self,
+        model: &dyn CausalLm,
+        stream: usize,
+        tokens: &[u32],
+        start_pos: usize,
+        logits: LogitsWanted,
+    ) -> anyhow::Result<()> {
+        let table = self.table(stream);
+        let seq = SeqInput {
+            tokens,
+            start_pos,
+            block_table: &table,
+            logits,
+        };
+        model.forward(&Batch::single(seq), &mut self.cache, &mut Vec::new())?;
+        Ok(())
+    }
+}
+
+/// Processes `n` prompt tokens after the context in one batch; returns tokens/s.
+fn time_prefill(model: &dyn CausalLm, context: &mut FilledContext, n: usize) -> anyhow::Result<f64> {
     let tokens = prompt_ids(n, model.info().vocab_size);
-    let mut logits = Vec::new();
     let start = Instant::now();
-    let seq = SeqInput {
-        tokens: &tokens,
-        start_pos: 0,
-        block_table: &table,
-        logits: LogitsWanted::Last,
-    };
-    model.forward(&Batch::single(seq), &mut cache, &mut logits)?;
+    context.forward(model, 0, &tokens, context.depth, LogitsWanted::Last)?;
     Ok(n as f64 / start.elapsed().as_secs_f64())
 }
 
-/// Decodes `n` tokens in each of `streams` sequences, one token per sequence per step, all in
-/// one batch; returns the aggregate tokens/s.
-fn time_decode(model: &dyn CausalLm, n: usize, streams: usize) -> anyhow::Result<f64> {
-    let per_seq = n.div_ceil(BLOCK_SIZE).max(1);
-    let mut cache = PagedKvCache::new(BLOCK_SIZE, per_seq * streams, &model.kv_entry_widths());
-    let tables: Vec<Vec<u32>> = (0..streams)
-        .map(|s| (0..per_seq as u32).map(|b| b + (s * per_seq) as u32).collect())
-        .collect();
+/// Decodes `n` tokens after the context in each of `streams` sequences, one token per sequence
+/// per step, all in one batch; returns the aggregate tokens/s.
+fn time_decode(model: &dyn CausalLm, context: &mut FilledContext, n: usize, streams: usize) -> anyhow::Result<f64> {
+    let tables: Vec<Vec<u32>> = (0..streams).map(|s| context.table(s)).collect();
     let tokens = prompt_ids(n + streams, model.info().vocab_size);
     let mut logits = Vec::new();
     let start = Instant::now();
@@ -144,12 +206,12 @@ fn time_decode(model: &dyn CausalLm, n: usize, streams: usize) -> anyhow::Result
             .enumerate()
             .map(|(s, table)| SeqInput {
                 tokens: std::slice::from_ref(&tokens[pos + s]),
-                start_pos: pos,
+                start_pos: context.depth + pos,
                 block_table: table,
                 logits: LogitsWanted::Last,
             })
             .collect();
-        model.forward(&Batch { seqs }, &mut cache, &mut logits)?;
+        model.forward(&Batch { seqs }, &mut context.cache, &mut logits)?;
     }
     Ok((n * streams) as f64 / start.elapsed().as_secs_f64())
 }
@@ -185,10 +247,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let load_start = Instant::now();
     let model = load_model_with(&dir, &options, crate::cpu_backend()).with_context(|| format!("cannot load {name}"))?;
     tracing::info!(seconds = load_start.elapsed().as_secs_f64(), "model loaded");
-    let context = model.info().max_position_embeddings;
-    if args.n_prompt > context || args.n_gen > context {
+    let context_length = model.info().max_position_embeddings;
+    let after_depth = args.n_prompt.max(args.n_gen).max(2);
+    if args.n_depth.saturating_add(after_depth) > context_length {
         bail!(
-            "-p {} / -n {} exceed the model's context of {context} tokens",
+            "-d {} with -p {} / -n {} exceeds the model's context of {context_length} tokens",
+            args.n_depth,
             args.n_prompt,
             args.n_gen
         );
@@ -199,22 +263,29 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     // One untimed pass of each warms the pages of a memory-mapped or freshly generated model
     // (and builds the kernels' packed weights, MoE experts included, as `serve` does at load).
     model.prepare_weights();
-    time_prefill(model.as_ref(), args.n_prompt.clamp(1, 8))?;
-    time_decode(model.as_ref(), 2, 1)?;
+    let fill_start = Instant::now();
+    let mut context = FilledContext::fill(model.as_ref(), args.n_depth, after_depth, args.batch)?;
+    tracing::info!(
+        tokens = args.n_depth,
+        seconds = fill_start.elapsed().as_secs_f64(),
+        "context filled"
+    );
+    time_prefill(model.as_ref(), &mut context, args.n_prompt.clamp(1, 8))?;
+    time_decode(model.as_ref(), &mut context, 2, 1)?;
     let mut pp = Vec::new();
     let mut tg = Vec::new();
     let mut tg_batch = Vec::new();
     for _ in 0..args.repetitions {
         if args.n_prompt > 0 {
-            pp.push(time_prefill(model.as_ref(), args.n_prompt)?);
+            pp.push(time_prefill(model.as_ref(), &mut context, args.n_prompt)?);
         }
         if args.n_gen > 0 {
             bandwidth.push(probe.sample(PASSES_PER_SAMPLE));
-            tg.push(time_decode(model.as_ref(), args.n_gen, 1)?);
+            tg.push(time_decode(model.as_ref(), &mut context, args.n_gen, 1)?);
             bandwidth.push(probe.sample(PASSES_PER_SAMPLE));
         }
         if args.batch > 1 {
-            tg_batch.push(time_decode(model.as_ref(), args.n_gen, args.batch)?);
+            tg_batch.push(time_decode(model.as_ref(), &mut context, args.n_gen, args.batch)?);
         }
     }
     if bandwidth.is_empty() {
@@ -224,7 +295,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let (pp, tg, batched) = (median(pp), median(tg), median(tg_batch));
     let (read_bandwidth_gbs, read_bandwidth_gbs_min, read_bandwidth_gbs_max) =
         median(bandwidth).expect("at least one bandwidth sample");
-    let bytes_per_token = model.weight_bytes_per_token();
+    let weight_bytes_per_token = model.weight_bytes_per_token();
+    // Token `depth + i` attends to `depth + i + 1` entries.
+    let mean_entries = args.n_depth as f64 + (args.n_gen as f64 + 1.0) / 2.0;
+    let kv_cache_bytes_per_token = (context.cache.bytes_per_token() as f64 * mean_entries).round() as u64;
+    let bytes_per_token = weight_bytes_per_token + kv_cache_bytes_per_token;
     let roofline_tps = read_bandwidth_gbs * 1e9 / bytes_per_token as f64;
     let report = Report {
         model: name,
@@ -233,6 +308,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         threads: r1serve_kernels::cpu::pool::threads(),
         n_prompt: args.n_prompt,
         n_gen: args.n_gen,
+        n_depth: args.n_depth,
         repetitions: args.repetitions,
         pp_tps: pp.map(|(m, _, _)| m),
         pp_tps_min: pp.map(|(_, lo, _)| lo),
@@ -241,6 +317,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         tg_tps_min: tg.map(|(_, lo, _)| lo),
         tg_tps_max: tg.map(|(_, _, hi)| hi),
         bytes_per_token,
+        weight_bytes_per_token,
+        kv_cache_bytes_per_token,
         read_bandwidth_gbs,
         read_bandwidth_gbs_min,
         read_bandwidth_gbs_max,
@@ -254,10 +332,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!("| model | format | threads | test | tokens/s (median) | min | max |\n|---|---|---|---|---|---|---|");
+        let at_depth = match args.n_depth {
+            0 => String::new(),
+            d => format!(" @ d{d}"),
+        };
         let rows = [
-            (format!("pp{}", args.n_prompt), pp),
-            (format!("tg{}", args.n_gen), tg),
-            (format!("tg{} x{} (aggregate)", args.n_gen, args.batch), batched),
+            (format!("pp{}{at_depth}", args.n_prompt), pp),
+            (format!("tg{}{at_depth}", args.n_gen), tg),
+            (
+                format!("tg{}{at_depth} x{} (aggregate)", args.n_gen, args.batch),
+                batched,
+            ),
         ];
         for (test, (m, lo, hi)) in rows.into_iter().filter_map(|(test, r)| Some((test, r?))) {
             println!(
@@ -266,8 +351,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             );
         }
         print!(
-            "\nweights read per decoded token: {:.1} MiB; read bandwidth: {:.1} GB/s ({:.1}–{:.1}); roofline: {:.2} tokens/s",
-            bytes_per_token as f64 / (1 << 20) as f64,
+            "\nread per decoded token: {:.1} MiB of weights + {:.1} MiB of KV cache; read bandwidth: {:.1} GB/s ({:.1}–{:.1}); roofline: {:.2} tokens/s",
+            weight_bytes_per_token as f64 / (1 << 20) as f64,
+            kv_cache_bytes_per_token as f64 / (1 << 20) as f64,
             read_bandwidth_gbs,
             read_bandwidth_gbs_min,
             read_bandwidth_gbs_max,

@@ -37,7 +37,13 @@ fn dummy_bench_reports_roofline_keys_and_exact_bytes() {
     let (h, heads, kv) = (n("hidden_size"), n("num_attention_heads"), n("num_key_value_heads"));
     let hd = c["head_dim"].as_u64().unwrap_or(h / heads);
     let per_layer = h * heads * hd * 2 + h * kv * hd * 2 + 3 * h * n("intermediate_size");
-    let expected = 4 * (n("num_hidden_layers") * per_layer + n("vocab_size") * h + h);
+    let weights = 4 * (n("num_hidden_layers") * per_layer + n("vocab_size") * h + h);
+    assert_eq!(report["weight_bytes_per_token"].as_u64(), Some(weights));
+    // The 3 decoded tokens attend to 1, 2 and 3 entries (f32 keys and values of every KV head in
+    // every layer): 2 on average.
+    let kv_cache = 4 * n("num_hidden_layers") * 2 * kv * hd * 2;
+    assert_eq!(report["kv_cache_bytes_per_token"].as_u64(), Some(kv_cache));
+    let expected = weights + kv_cache;
     assert_eq!(report["bytes_per_token"].as_u64(), Some(expected));
     // The bandwidth is the median of the samples taken around the timed decodes.
     let bandwidth = |key: &str| {
@@ -110,4 +116,65 @@ fn zero_tokens_skip_a_test() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(needle), "{stderr}");
     }
+}
+
+/// `-d N` (llama-bench's depth): the tests run after N tokens of context, each decoded token
+/// reads N more KV cache entries than at depth 0, and a depth beyond the model's context is
+/// refused by name.
+#[test]
+fn depth_fills_the_context_first() {
+    let run = |depth: &str| {
+        Command::new(env!("CARGO_BIN_EXE_r1serve"))
+            .args([
+                "-t",
+                "1",
+                "bench",
+                "--config",
+                &fixture("llama-f32"),
+                "--load-format",
+                "dummy",
+            ])
+            .args([
+                "-p",
+                "4",
+                "-n",
+                "3",
+                "--repetitions",
+                "1",
+                "--batch",
+                "2",
+                "--json",
+                "-d",
+                depth,
+            ])
+            .output()
+            .unwrap()
+    };
+    let report = |depth: &str| -> Value {
+        let output = run(depth);
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        serde_json::from_slice(&output.stdout).unwrap()
+    };
+    let (shallow, deep) = (report("0"), report("37"));
+    assert_eq!(deep["n_depth"].as_u64(), Some(37));
+    for key in ["pp_tps", "tg_tps", "tg_batch_tps", "roofline_fraction"] {
+        assert!(deep[key].as_f64().is_some_and(|v| v > 0.0), "{key} in {deep}");
+    }
+    let kv = |r: &Value| r["kv_cache_bytes_per_token"].as_u64().unwrap();
+    let c: Value = serde_json::from_str(&std::fs::read_to_string(fixture("llama-f32")).unwrap()).unwrap();
+    let n = |k: &str| c[k].as_u64().unwrap();
+    let hd = c["head_dim"]
+        .as_u64()
+        .unwrap_or(n("hidden_size") / n("num_attention_heads"));
+    let per_position = 4 * n("num_hidden_layers") * 2 * n("num_key_value_heads") * hd;
+    assert_eq!(kv(&deep) - kv(&shallow), 37 * per_position);
+    assert_eq!(deep["weight_bytes_per_token"], shallow["weight_bytes_per_token"]);
+    let context = n("max_position_embeddings").to_string();
+    let output = run(&context);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("-d {context}")) && stderr.contains("context"),
+        "{stderr}"
+    );
 }

@@ -7,9 +7,14 @@
 //! rescales the accumulators once per chunk rather than once per new maximum. One pool job
 //! covers every sequence of the batch.
 
+use std::cell::RefCell;
+
 use super::dot::Isa;
 use super::elementwise::exp;
 use super::pool;
+
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 use crate::backend::{AttentionLayout, SeqSpan};
 use crate::kv_cache::PagedKvCache;
@@ -47,17 +52,17 @@ pub fn attention(
         .rev()
         .find(|h| group.is_multiple_of(*h))
         .unwrap_or(1);
-    while heads.is_multiple_of(2) && n_tokens * n_heads / heads < 4 * pool::threads() {
+    while heads.is_multiple_of(2) && n_tokens * n_heads / heads < pool::threads() {
         heads /= 2;
     }
     let tasks_per_token = n_heads / heads;
     let out = &mut out[..n_tokens * n_heads * vd];
-    pool::for_each_chunk_mut(out, heads * vd, |index, acc| {
+    let task = |index: usize, from: (usize, usize)| {
         let (token, first_head) = (index / tasks_per_token, index % tasks_per_token * heads);
         let (span, last) = token_position(spans, token);
         let kv_head = first_head / group;
         let at = (token * n_heads + first_head) * kd;
-        let task = Task {
+        Task {
             queries: &q[at..at + heads * kd],
             heads,
             key_dim: kd,
@@ -67,11 +72,85 @@ pub fn attention(
             cache,
             layer,
             block_table: span.block_table,
-            last,
+            positions: split_range(last + 1, from),
             scale,
-        };
-        task.run(isa, acc);
+        }
+    };
+    let groups = n_tokens * tasks_per_token;
+    let longest = spans.iter().map(|span| span.start_pos + span.len).max().unwrap_or(0);
+    let splits = (4 * pool::threads())
+        .div_ceil(groups.max(1))
+        .min(longest.div_ceil(MIN_SPLIT_POSITIONS))
+        .max(1);
+    if splits == 1 {
+        pool::for_each_chunk_mut(out, heads * vd, |index, acc| {
+            let stats = task(index, (0, 1)).run(isa, acc);
+            for (acc, &(_, denom)) in acc.chunks_exact_mut(vd).zip(&stats) {
+                acc.iter_mut().for_each(|a| *a /= denom);
+            }
+        });
+        return;
+    }
+    // Each group's positions in `splits` ranges, one task each (flash decoding): a few long
+    // contexts still keep every core busy, each core streaming its own stretch of the cache.
+    // The ranges' partial sums are then merged under their common maximum.
+    let part = heads * vd + 2 * heads;
+    PARTIALS.with_borrow_mut(|partials| {
+        partials.resize(groups * splits * part, 0.0);
+        pool::for_each_chunk_mut(partials, part, |index, partial| {
+            let (acc, stats) = partial.split_at_mut(heads * vd);
+            // Range-major: the tasks taken at the same time read the same positions' entries,
+            // every KV head of them between the cores, instead of each core one head's slice
+            // of entries spread over the whole cache.
+            let found = task(index % groups, (index / groups, splits)).run(isa, acc);
+            for (h, (max, denom)) in found.into_iter().take(heads).enumerate() {
+                (stats[h], stats[heads + h]) = (max, denom);
+            }
+        });
+        for (index, out) in out.chunks_exact_mut(heads * vd).enumerate() {
+            let ranges = partials.chunks_exact(part).skip(index).step_by(groups);
+            merge_ranges(ranges, heads, vd, out);
+        }
     });
+}
+
+/// Positions one split of a context covers at least: a few chunks, so the merge and the task
+/// hand-off stay small next to the scoring.
+const MIN_SPLIT_POSITIONS: usize = 4 * CHUNK;
+
+thread_local! {
+    /// The split ranges' partial sums, reused across calls on this thread.
+    static PARTIALS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Range `which.0` of `which.1` equal parts of positions `0..len`, in whole chunks.
+fn split_range(len: usize, (index, parts): (usize, usize)) -> std::ops::Range<usize> {
+    let chunks = len.div_ceil(CHUNK);
+    let bound = |i: usize| (chunks * i / parts * CHUNK).min(len);
+    bound(index)..bound(index + 1)
+}
+
+/// One head group's output from its ranges' partial results, each laid out as `[acc (heads ×
+/// vd), maxima (heads), denominators (heads)]` with `acc` and the denominator summed under the
+/// range's own maximum: `out[h] = Σ_r e^(m_r − M)·acc_r[h] / Σ_r e^(m_r − M)·d_r` for the
+/// largest maximum `M` (empty ranges, denominator 0, left out).
+fn merge_ranges<'a>(ranges: impl Iterator<Item = &'a [f32]> + Clone, heads: usize, vd: usize, out: &mut [f32]) {
+    for (h, out) in out.chunks_exact_mut(vd).enumerate() {
+        let stats = |range: &[f32]| (range[heads * vd + h], range[heads * vd + heads + h]);
+        let filled = || ranges.clone().filter(|range| stats(range).1 > 0.0);
+        let max = filled().map(|range| stats(range).0).fold(f32::NEG_INFINITY, f32::max);
+        out.fill(0.0);
+        let mut denom = 0.0;
+        for range in filled() {
+            let (range_max, range_denom) = stats(range);
+            let weight = (range_max - max).exp();
+            denom += weight * range_denom;
+            for (o, &a) in out.iter_mut().zip(&range[h * vd..(h + 1) * vd]) {
+                *o += weight * a;
+            }
+        }
+        out.iter_mut().for_each(|o| *o /= denom);
+    }
 }
 
 /// The sequence of the batch's `token`-th token and that token's position in it (a scan: a
@@ -99,59 +178,66 @@ struct Task<'a> {
     cache: &'a PagedKvCache,
     layer: usize,
     block_table: &'a [u32],
-    /// The token's position: it attends to `0..=last`.
-    last: usize,
+    /// The positions this task covers of those the token attends to (all of them, or one
+    /// split's range).
+    positions: std::ops::Range<usize>,
     scale: f32,
 }
 
 impl Task<'_> {
-    fn run(&self, isa: Isa, acc: &mut [f32]) {
+    /// Leaves in `acc` each head's sums of `e^(s − max)·v` over the positions, and returns each
+    /// head's `(max, Σ e^(s − max))` (`(−∞, 0)` for no positions).
+    fn run(&self, isa: Isa, acc: &mut [f32]) -> [(f32, f32); MAX_HEADS] {
         match isa {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Isa::Avx512*` come from `Isa::available` after detecting avx512f/bw/vl,
-            // avx2 and fma; the body is safe code.
+            // avx2 and fma.
             Isa::Avx512 | Isa::Avx512Vnni => unsafe { self.run_avx512(acc) },
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::Avx2` comes from `Isa::available` after detecting avx2 and fma.
+            // SAFETY: `Isa::Avx2` comes from `Isa::available` after detecting avx2 and fma; the
+            // body is safe code.
             Isa::Avx2 => unsafe { self.run_avx2(acc) },
-            _ => self.run_generic(acc),
+            _ => self.run_with::<Portable>(acc),
         }
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-    unsafe fn run_avx512(&self, acc: &mut [f32]) {
-        self.run_generic(acc)
+    unsafe fn run_avx512(&self, acc: &mut [f32]) -> [(f32, f32); MAX_HEADS] {
+        self.run_with::<x86::Avx512>(acc)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn run_avx2(&self, acc: &mut [f32]) {
-        self.run_generic(acc)
+    unsafe fn run_avx2(&self, acc: &mut [f32]) -> [(f32, f32); MAX_HEADS] {
+        self.run_with::<Portable>(acc)
     }
 
-    /// The body, inlined into each instruction set's copy so that its loops vectorize for it.
+    /// The body, inlined into each instruction set's copy so that its loops vectorize for it;
+    /// `K` scores and accumulates each chunk.
     #[inline(always)]
-    fn run_generic(&self, acc: &mut [f32]) {
+    fn run_with<K: ChunkKernel>(&self, acc: &mut [f32]) -> [(f32, f32); MAX_HEADS] {
         let (heads, kd, vd) = (self.heads, self.key_dim, self.value_dim);
         let mut scores = [0.0f32; MAX_HEADS * CHUNK];
         let (mut max, mut denom) = ([f32::NEG_INFINITY; MAX_HEADS], [0.0f32; MAX_HEADS]);
+        let mut values: [&[f32]; CHUNK] = [&[]; CHUNK];
         acc.fill(0.0);
-        let mut start = 0;
-        while start <= self.last {
-            let len = (self.last + 1 - start).min(CHUNK);
+        let mut slots = [0usize; CHUNK + PREFETCH];
+        let (mut start, end) = (self.positions.start, self.positions.end);
+        while start < end {
+            let len = (end - start).min(CHUNK);
+            let known = (end - start).min(CHUNK + PREFETCH);
+            self.slots(start, &mut slots[..known]);
             for i in 0..len {
-                if start + i + PREFETCH <= self.last {
+                if let Some(&later) = slots[..known].get(i + PREFETCH) {
                     // The cache is far larger than the caches: ask for a later position's key
                     // and value while this one is scored.
-                    let ahead = self.entry(start + i + PREFETCH);
+                    let ahead = self.cache.entry(self.layer, later);
                     prefetch(&ahead[self.key_at..self.key_at + kd]);
                     prefetch(&ahead[self.value_at..self.value_at + vd]);
                 }
-                let key = &self.entry(start + i)[self.key_at..self.key_at + kd];
-                for (h, query) in self.queries.chunks_exact(kd).enumerate() {
-                    scores[h * CHUNK + i] = dot(query, key) * self.scale;
-                }
+                let key = &self.cache.entry(self.layer, slots[i])[self.key_at..self.key_at + kd];
+                K::score(self.queries, key, self.scale, &mut scores[i..]);
             }
             for h in 0..heads {
                 let scores = &mut scores[h * CHUNK..h * CHUNK + len];
@@ -167,26 +253,63 @@ impl Task<'_> {
                 scores.iter_mut().for_each(|s| *s = exp(*s - m));
                 denom[h] += scores.iter().sum::<f32>();
             }
-            for i in 0..len {
-                let value = &self.entry(start + i)[self.value_at..self.value_at + vd];
-                for (h, acc) in acc.chunks_exact_mut(vd).enumerate() {
-                    let p = scores[h * CHUNK + i];
-                    for (a, &v) in acc.iter_mut().zip(value) {
-                        *a += p * v;
-                    }
-                }
+            for (value, &slot) in values.iter_mut().zip(&slots[..len]) {
+                *value = &self.cache.entry(self.layer, slot)[self.value_at..self.value_at + vd];
             }
+            K::accumulate(&scores, &values[..len], acc);
             start += len;
         }
-        for (acc, &denom) in acc.chunks_exact_mut(vd).zip(denom.iter()) {
-            let inv = 1.0 / denom;
-            acc.iter_mut().for_each(|a| *a *= inv);
+        std::array::from_fn(|h| (max[h], denom[h]))
+    }
+
+    /// The cache slots of positions `start..start + slots.len()`, walked block by block (one
+    /// division per chunk instead of two per position).
+    #[inline(always)]
+    fn slots(&self, start: usize, slots: &mut [usize]) {
+        let block_size = self.cache.block_size();
+        let (mut block, mut offset) = (start / block_size, start % block_size);
+        for slot in slots {
+            *slot = self.block_table[block] as usize * block_size + offset;
+            offset += 1;
+            if offset == block_size {
+                (block, offset) = (block + 1, 0);
+            }
+        }
+    }
+}
+
+/// The two inner loops of a chunk of positions, per instruction set.
+trait ChunkKernel {
+    /// `scores[h · CHUNK] = scale · queries[h] · key` for every query head `h` (rows of
+    /// `queries` as long as `key`).
+    fn score(queries: &[f32], key: &[f32], scale: f32, scores: &mut [f32]);
+
+    /// `acc[h] += Σ_i scores[h · CHUNK + i] · values[i]` for every head `h` (rows of `acc` as
+    /// long as the values).
+    fn accumulate(scores: &[f32], values: &[&[f32]], acc: &mut [f32]);
+}
+
+/// Loops the compiler vectorizes for whatever instruction set the caller enables.
+struct Portable;
+
+impl ChunkKernel for Portable {
+    #[inline(always)]
+    fn score(queries: &[f32], key: &[f32], scale: f32, scores: &mut [f32]) {
+        for (h, query) in queries.chunks_exact(key.len()).enumerate() {
+            scores[h * CHUNK] = dot(query, key) * scale;
         }
     }
 
     #[inline(always)]
-    fn entry(&self, pos: usize) -> &[f32] {
-        self.cache.entry(self.layer, self.cache.slot(self.block_table, pos))
+    fn accumulate(scores: &[f32], values: &[&[f32]], acc: &mut [f32]) {
+        for (i, value) in values.iter().enumerate() {
+            for (h, acc) in acc.chunks_exact_mut(value.len()).enumerate() {
+                let p = scores[h * CHUNK + i];
+                for (a, &v) in acc.iter_mut().zip(*value) {
+                    *a += p * v;
+                }
+            }
+        }
     }
 }
 
@@ -366,6 +489,73 @@ mod tests {
                             assert!(
                                 (*a as f64 - b).abs() < 1e-4 * (1.0 + b.abs()),
                                 "{isa:?} heads {n_heads}: {a} vs {b}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Contexts long enough to be split over tasks (flash decoding): one long sequence alone (4
+    /// ranges) and beside a one-position sequence (2 ranges each; the short one's first range is
+    /// empty), every instruction set against the f64 reference, the running maximum rising late.
+    #[test]
+    fn long_contexts_split_over_tasks_on_every_isa() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(17);
+        let (bs, n_heads, n_kv, hd, long) = (16, 12, 2, 20, 700usize);
+        let layout = AttentionLayout::multi_head(n_heads, n_kv, hd);
+        let width = layout.entry_width();
+        let blocks = long.div_ceil(bs);
+        let mut cache = PagedKvCache::new(bs, blocks + 1, &[width]);
+        let long_table: Vec<u32> = (0..blocks as u32).rev().collect();
+        let short_table = [blocks as u32];
+        let entries: Vec<Vec<f32>> = (0..long)
+            .map(|pos| {
+                let grow = if pos > 600 { 3.0 } else { 1.0 };
+                (0..width).map(|_| rng.random_range(-grow..grow)).collect()
+            })
+            .collect();
+        for (pos, e) in entries.iter().enumerate() {
+            let slot = cache.slot(&long_table, pos);
+            cache.entry_mut(0, slot).copy_from_slice(e);
+        }
+        let short_entry: Vec<f32> = (0..width).map(|_| rng.random_range(-1.0..1.0)).collect();
+        cache
+            .entry_mut(0, cache.slot(&short_table, 0))
+            .copy_from_slice(&short_entry);
+        let long_span = SeqSpan {
+            start_pos: long - 1,
+            len: 1,
+            block_table: &long_table,
+        };
+        let short_span = SeqSpan {
+            start_pos: 0,
+            len: 1,
+            block_table: &short_table,
+        };
+        let q: Vec<f32> = (0..2 * n_heads * hd).map(|_| rng.random_range(-1.0..1.0)).collect();
+        for spans in [vec![long_span], vec![long_span, short_span]] {
+            for isa in Isa::available() {
+                let mut out = vec![f32::NAN; spans.len() * n_heads * hd];
+                attention(isa, &q[..out.len()], &spans, &cache, 0, &layout, 0.3, &mut out);
+                for (token, seq) in [&entries, &vec![short_entry.clone()]]
+                    .into_iter()
+                    .take(spans.len())
+                    .enumerate()
+                {
+                    for h in 0..n_heads {
+                        let kvh = h / (n_heads / n_kv);
+                        let part = |e: &Vec<f32>, at: usize| e[at..at + hd].iter().map(|&x| x as f64).collect();
+                        let k: Vec<Vec<f64>> = seq.iter().map(|e| part(e, kvh * hd)).collect();
+                        let v: Vec<Vec<f64>> = seq.iter().map(|e| part(e, (n_kv + kvh) * hd)).collect();
+                        let at = (token * n_heads + h) * hd;
+                        let expected = reference(&q[at..at + hd], &k, &v, seq.len() - 1, 0.3);
+                        for (a, b) in out[at..at + hd].iter().zip(&expected) {
+                            assert!(
+                                (*a as f64 - b).abs() < 1e-4 * (1.0 + b.abs()),
+                                "{isa:?} {} sequences, token {token}: {a} vs {b}",
+                                spans.len()
                             );
                         }
                     }
