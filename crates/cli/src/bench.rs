@@ -69,6 +69,7 @@ struct Report {
     model: String,
     architecture: String,
     weight_format: String,
+    kv_cache_dtype: &'static str,
     threads: usize,
     n_prompt: usize,
     n_gen: usize,
@@ -140,7 +141,12 @@ impl FilledContext {
         let full = depth / BLOCK_SIZE;
         let own_blocks = (depth % BLOCK_SIZE + tokens).div_ceil(BLOCK_SIZE).max(1);
         let mut context = FilledContext {
-            cache: PagedKvCache::new(BLOCK_SIZE, full + streams * own_blocks, &model.kv_entry_widths()),
+            cache: PagedKvCache::with_dtype(
+                BLOCK_SIZE,
+                full + streams * own_blocks,
+                &model.kv_entry_widths(),
+                crate::kv_cache_dtype(model),
+            ),
             depth,
             shared: (0..full as u32).collect(),
             own: (0..streams)
@@ -305,6 +311,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         model: name,
         architecture: model.info().architecture.clone(),
         weight_format: model.weight_format().to_owned(),
+        kv_cache_dtype: context.cache.dtype().name(),
         threads: r1serve_kernels::cpu::pool::threads(),
         n_prompt: args.n_prompt,
         n_gen: args.n_gen,
@@ -351,9 +358,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             );
         }
         print!(
-            "\nread per decoded token: {:.1} MiB of weights + {:.1} MiB of KV cache; read bandwidth: {:.1} GB/s ({:.1}–{:.1}); roofline: {:.2} tokens/s",
+            "\nread per decoded token: {:.1} MiB of weights + {:.1} MiB of {} KV cache; read bandwidth: {:.1} GB/s ({:.1}–{:.1}); roofline: {:.2} tokens/s",
             weight_bytes_per_token as f64 / (1 << 20) as f64,
             kv_cache_bytes_per_token as f64 / (1 << 20) as f64,
+            report.kv_cache_dtype,
             read_bandwidth_gbs,
             read_bandwidth_gbs_min,
             read_bandwidth_gbs_max,

@@ -90,6 +90,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         },
         top_logprobs: args.top_logprobs,
         echo: args.echo,
+        kv_cache_dtype: crate::kv_cache_dtype(model.as_ref()),
     };
 
     let stream_text = matches!(args.format, OutputFormat::Text);

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use r1serve_kernels::{CpuBackend, MatmulPrecision};
+use r1serve_kernels::{CpuBackend, KvCacheDtype, MatmulPrecision};
 
 #[derive(Parser)]
 #[command(name = "r1serve", version, about = "Inference engine for the DeepSeek-R1 family")]
@@ -34,6 +34,11 @@ struct Cli {
     /// prefill speed); `float32` keeps them f32, so every product is exact.
     #[arg(long, global = true, value_enum, default_value_t = Dtype::Auto)]
     dtype: Dtype,
+    /// How the KV cache stores keys and values: `auto` is `float16` (llama.cpp's default: half
+    /// the memory, and half the cache bytes each decoded token reads) except for float32
+    /// models, which keep `float32` (every value exactly as computed).
+    #[arg(long = "kv-cache-dtype", global = true, value_enum, default_value_t = KvDtype::Auto)]
+    kv_cache_dtype: KvDtype,
     #[command(subcommand)]
     command: Command,
 }
@@ -47,7 +52,28 @@ enum Dtype {
     Float32,
 }
 
+/// `--kv-cache-dtype` (vLLM's flag name).
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum KvDtype {
+    Auto,
+    #[value(alias = "fp16", alias = "f16", alias = "half")]
+    Float16,
+    #[value(alias = "fp32", alias = "f32")]
+    Float32,
+}
+
 static MATMUL_PRECISION: std::sync::OnceLock<MatmulPrecision> = std::sync::OnceLock::new();
+static KV_CACHE_DTYPE: std::sync::OnceLock<KvDtype> = std::sync::OnceLock::new();
+
+/// The KV cache dtype `--kv-cache-dtype` chose for `model`.
+pub(crate) fn kv_cache_dtype(model: &dyn r1serve_model::CausalLm) -> KvCacheDtype {
+    match KV_CACHE_DTYPE.get().copied().unwrap_or(KvDtype::Auto) {
+        KvDtype::Float16 => KvCacheDtype::F16,
+        KvDtype::Float32 => KvCacheDtype::F32,
+        KvDtype::Auto if model.weight_format() == "F32" => KvCacheDtype::F32,
+        KvDtype::Auto => KvCacheDtype::F16,
+    }
+}
 
 /// The CPU backend with the precision `--dtype` chose.
 pub(crate) fn cpu_backend() -> Arc<CpuBackend> {
@@ -95,6 +121,7 @@ fn main() -> anyhow::Result<()> {
         Dtype::Float32 => MatmulPrecision::F32,
     };
     MATMUL_PRECISION.get_or_init(|| precision);
+    KV_CACHE_DTYPE.get_or_init(|| cli.kv_cache_dtype);
     match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Inspect(args) => inspect::run(args),

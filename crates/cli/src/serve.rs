@@ -152,7 +152,7 @@ fn load(args: &ServeArgs) -> anyhow::Result<ModelContext> {
 pub(crate) fn load_context(
     path: &Path,
     quant: Option<r1serve_kernels::WeightFormat>,
-    config: EngineConfig,
+    mut config: EngineConfig,
 ) -> anyhow::Result<ModelContext> {
     let model_dir =
         r1serve_model::ModelDir::open(path).with_context(|| format!("cannot open the model {}", path.display()))?;
@@ -167,9 +167,11 @@ pub(crate) fn load_context(
     let backend = crate::cpu_backend();
     let model = r1serve_model::load_model_with(&model_dir, &options, backend.clone())
         .with_context(|| format!("cannot load the model in {}", path.display()))?;
+    config.kv_cache_dtype = crate::kv_cache_dtype(model.as_ref());
     info!(
         weights = model.weight_format(),
         bf16_weight_activations = backend.precision().name(),
+        kv_cache = config.kv_cache_dtype.name(),
         threads = r1serve_kernels::cpu::pool::threads(),
         "model loaded"
     );

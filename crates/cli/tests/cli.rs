@@ -163,16 +163,14 @@ fn check_greedy(name: &str) {
     check_greedy_with(name, &[]);
 }
 
-/// [`check_greedy`] with extra command-line flags. Activations stay f32 (`--dtype float32`), as
-/// in the reference.
+/// Activations and the KV cache stay f32, as in the reference.
+const EXACT: [&str; 4] = ["--dtype", "float32", "--kv-cache-dtype", "float32"];
+
+/// [`check_greedy`] with extra command-line flags (and [`EXACT`]).
 fn check_greedy_with(name: &str, flags: &[&str]) {
     let model = fixture(name);
     for (ci, case) in golden(name).cases.iter().enumerate() {
-        let extra: Vec<&str> = ["--ignore-eos", "--dtype", "float32"]
-            .iter()
-            .chain(flags)
-            .copied()
-            .collect();
+        let extra = [&["--ignore-eos"][..], &EXACT, flags].concat();
         let out = run_json(&generate_args(&model, &case.prompt, 16, &extra));
         assert_eq!(tokens(&out), case.greedy, "{name} case {ci}: greedy tokens");
         assert_eq!(out["finish_reason"], "length", "{name} case {ci}");
@@ -196,7 +194,7 @@ fn check_echo_and_top_logprobs(name: &str) {
             &model,
             &case.prompt,
             16,
-            &["--ignore-eos", "--echo", "--top-logprobs", "3", "--dtype", "float32"],
+            &[&["--ignore-eos", "--echo", "--top-logprobs", "3"][..], &EXACT].concat(),
         ));
         let generated = tokens(&out);
         assert_eq!(generated, case.greedy, "{name} case {ci}: greedy tokens with --echo");
@@ -289,6 +287,55 @@ fn dtype_chooses_the_precision_of_bf16_products() {
     run_err(
         &generate_args(&fixture(name), &case.prompt, 2, &["--dtype", "float64"]),
         &["float64", "float32"],
+    );
+}
+
+/// `--kv-cache-dtype float16` (the default for models that are not float32) keeps the golden
+/// greedy tokens, log-probs within 1e-2 of the f32 reference (keys and values rounded to 11
+/// significant bits) but not equal to the f32 cache's; `auto` is float16 for BF16 and FP8
+/// weights and float32 for F32 ones; an unknown dtype is refused by name.
+#[test]
+fn kv_cache_dtype_chooses_how_keys_and_values_are_kept() {
+    let run = |name: &str, flags: &[&str]| {
+        let case = &golden(name).cases[0];
+        let extra: Vec<&str> = ["--ignore-eos", "--dtype", "float32"]
+            .iter()
+            .chain(flags)
+            .copied()
+            .collect();
+        run_json(&generate_args(&fixture(name), &case.prompt, 16, &extra))
+    };
+    // Grouped-query attention (Qwen2) and the latent cache of absorbed MLA (DeepSeek-V3).
+    for name in ["qwen2-bf16", "dsv3-fp8"] {
+        let case = &golden(name).cases[0];
+        let (half, exact) = (
+            run(name, &["--kv-cache-dtype", "float16"]),
+            run(name, &["--kv-cache-dtype", "float32"]),
+        );
+        assert_eq!(tokens(&half), case.greedy, "{name}");
+        assert_eq!(run(name, &[]), half, "{name}: auto is float16 for BF16 and FP8 weights");
+        let (half_lps, exact_lps) = (floats(&half["logprobs"]), floats(&exact["logprobs"]));
+        for (j, (&lp, &token)) in half_lps.iter().zip(&case.greedy).enumerate() {
+            let reference = case.logprobs[case.prompt.len() - 1 + j][token as usize];
+            assert!(
+                (lp - reference).abs() <= 1e-2,
+                "{name} token {j}: {lp} vs reference {reference}"
+            );
+        }
+        assert_ne!(
+            half_lps, exact_lps,
+            "{name}: a float16 cache must round the keys and values"
+        );
+    }
+    let f32_model = "dsv2-f32";
+    assert_eq!(
+        run(f32_model, &[]),
+        run(f32_model, &["--kv-cache-dtype", "float32"]),
+        "auto is float32 for F32 weights"
+    );
+    run_err(
+        &generate_args(&fixture("qwen2-bf16"), &[1, 2], 2, &["--kv-cache-dtype", "fp8"]),
+        &["fp8", "float16"],
     );
 }
 

@@ -1,5 +1,6 @@
 //! Engine settings, and the limits every request is checked against at submit.
 
+use r1serve_kernels::KvCacheDtype;
 use r1serve_model::CausalLm;
 
 use crate::error::EngineError;
@@ -10,7 +11,7 @@ use crate::sequence::Request;
 pub enum KvCacheSize {
     /// Exactly this many blocks.
     Blocks(usize),
-    /// As many blocks as fit in this many bytes (f32 entries), but no more than
+    /// As many blocks as fit in this many bytes (entries of the cache's dtype), but no more than
     /// `max_num_seqs` full-context sequences can use.
     Bytes(u64),
 }
@@ -20,6 +21,9 @@ pub struct EngineConfig {
     /// Tokens per KV block.
     pub block_size: usize,
     pub kv_cache: KvCacheSize,
+    /// How entries are stored (vLLM's `--kv-cache-dtype`): F32 keeps the model's values exactly,
+    /// F16 holds twice the tokens in the same bytes.
+    pub kv_cache_dtype: KvCacheDtype,
     /// Sequences per step at most (`--max-num-seqs`).
     pub max_num_seqs: usize,
     /// Tokens per step at most (`--max-num-batched-tokens`); longer prompts are chunked.
@@ -34,6 +38,7 @@ impl Default for EngineConfig {
         Self {
             block_size: 16,
             kv_cache: KvCacheSize::Bytes(1 << 30),
+            kv_cache_dtype: KvCacheDtype::F32,
             max_num_seqs: 256,
             max_num_batched_tokens: 2048,
             max_model_len: None,
@@ -48,6 +53,7 @@ pub struct Limits {
     pub max_model_len: usize,
     pub block_size: usize,
     pub num_blocks: usize,
+    pub kv_cache_dtype: KvCacheDtype,
     pub vocab_size: usize,
 }
 
@@ -74,7 +80,7 @@ impl Limits {
         let num_blocks = match config.kv_cache {
             KvCacheSize::Blocks(n) => n,
             KvCacheSize::Bytes(bytes) => {
-                let per_token = model.kv_entry_widths().iter().sum::<usize>() * std::mem::size_of::<f32>();
+                let per_token = model.kv_entry_widths().iter().sum::<usize>() * config.kv_cache_dtype.bytes();
                 let per_block = (per_token * config.block_size).max(1) as u64;
                 let fit = usize::try_from(bytes / per_block).unwrap_or(usize::MAX);
                 let useful = config
@@ -93,6 +99,7 @@ impl Limits {
             max_model_len,
             block_size: config.block_size,
             num_blocks,
+            kv_cache_dtype: config.kv_cache_dtype,
             vocab_size: info.vocab_size,
         })
     }

@@ -1,7 +1,7 @@
 //! One sequence from prompt to finish over a private paged KV cache: the engine's simplest loop,
 //! used by `r1serve generate` and as the reference the batched scheduler must agree with.
 
-use r1serve_kernels::PagedKvCache;
+use r1serve_kernels::{KvCacheDtype, PagedKvCache};
 use r1serve_model::{Batch, CausalLm, LogitsWanted, SeqInput};
 
 use crate::error::EngineError;
@@ -21,6 +21,8 @@ pub struct GenerateRequest {
     pub top_logprobs: usize,
     /// Also score the prompt: the log-probability of each prompt token given the ones before.
     pub echo: bool,
+    /// How the KV cache stores its entries.
+    pub kv_cache_dtype: KvCacheDtype,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,6 +71,7 @@ pub fn warm_up(model: &dyn CausalLm) -> Result<(), EngineError> {
         stop_token_ids: Vec::new(),
         top_logprobs: 0,
         echo: true,
+        kv_cache_dtype: KvCacheDtype::default(),
     };
     model.prepare_weights();
     generate(model, &request, |_| {}).map(|_| ())
@@ -101,7 +104,7 @@ pub fn generate(
     sampler.set_prompt(prompt);
     let total = prompt.len() + request.max_tokens;
     let blocks = total.div_ceil(BLOCK_SIZE).max(1);
-    let mut cache = PagedKvCache::new(BLOCK_SIZE, blocks, &model.kv_entry_widths());
+    let mut cache = PagedKvCache::with_dtype(BLOCK_SIZE, blocks, &model.kv_entry_widths(), request.kv_cache_dtype);
     let block_table: Vec<u32> = (0..blocks as u32).collect();
     let vocab = info.vocab_size;
 

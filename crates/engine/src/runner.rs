@@ -5,7 +5,7 @@ use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
-use r1serve_kernels::PagedKvCache;
+use r1serve_kernels::{KvCacheDtype, PagedKvCache};
 use r1serve_model::{Batch, CausalLm, LogitsWanted, SeqInput};
 use tracing::error;
 
@@ -32,8 +32,8 @@ pub struct ModelRunner {
 }
 
 impl ModelRunner {
-    pub fn new(model: Arc<dyn CausalLm>, block_size: usize, num_blocks: usize) -> Self {
-        let cache = PagedKvCache::new(block_size, num_blocks, &model.kv_entry_widths());
+    pub fn new(model: Arc<dyn CausalLm>, block_size: usize, num_blocks: usize, dtype: KvCacheDtype) -> Self {
+        let cache = PagedKvCache::with_dtype(block_size, num_blocks, &model.kv_entry_widths(), dtype);
         let vocab = model.info().vocab_size;
         Self {
             model,

@@ -11,6 +11,7 @@ use r1serve_engine::{
     Engine, EngineConfig, EngineCore, EngineError, EngineStats, FinishReason, KvCacheSize, Request, SamplingParams,
     ShutdownMode, TokenEvent,
 };
+use r1serve_kernels::KvCacheDtype;
 use r1serve_model::CausalLm;
 
 fn small_engine(model: Arc<dyn CausalLm>) -> Engine {
@@ -399,4 +400,43 @@ impl r1serve_engine::TokenHook for Panics {
     fn clone_box(&self) -> Box<dyn r1serve_engine::TokenHook> {
         Box::new(Panics)
     }
+}
+
+/// A float16 cache holds twice the blocks of a float32 one in the same bytes, and the engine's
+/// steps decode exactly what `generate()` decodes over a float16 cache.
+#[test]
+fn a_float16_cache_holds_twice_the_tokens_and_decodes_like_generate() {
+    let model = load("qwen2-f32");
+    let start = |dtype| {
+        Engine::start(
+            model.clone(),
+            EngineConfig {
+                block_size: 4,
+                kv_cache: KvCacheSize::Bytes(1 << 20),
+                kv_cache_dtype: dtype,
+                max_num_seqs: 1024,
+                ..EngineConfig::default()
+            },
+        )
+        .unwrap()
+    };
+    let (single, half) = (start(KvCacheDtype::F32), start(KvCacheDtype::F16));
+    assert_eq!(half.limits().num_blocks, 2 * single.limits().num_blocks);
+    let prompt = prompt(3, 12, model.info().vocab_size);
+    let ours = collect(half.submit(greedy(prompt.clone(), 10)).unwrap().1);
+    let reference = r1serve_engine::generate(
+        model.as_ref(),
+        &r1serve_engine::GenerateRequest {
+            prompt,
+            max_tokens: 10,
+            sampling: SamplingParams::greedy(),
+            stop_token_ids: Vec::new(),
+            top_logprobs: 0,
+            echo: false,
+            kv_cache_dtype: KvCacheDtype::F16,
+        },
+        |_| {},
+    )
+    .unwrap();
+    assert_eq!(ours.tokens, reference.tokens);
 }

@@ -27,10 +27,8 @@ fn decode(c: &mut Criterion) {
             let mut cache = PagedKvCache::new(BLOCK_SIZE, blocks, &vec![layout.entry_width(); LAYERS]);
             for layer in 0..LAYERS {
                 for slot in 0..blocks * BLOCK_SIZE {
-                    cache
-                        .entry_mut(layer, slot)
-                        .iter_mut()
-                        .for_each(|x| *x = rng.random_range(-1.0..1.0));
+                    let entry: Vec<f32> = (0..layout.entry_width()).map(|_| rng.random_range(-1.0..1.0)).collect();
+                    cache.write_entry(layer, slot, &entry);
                 }
             }
             // Blocks in reverse order: a table that is not one contiguous run.

@@ -1,5 +1,8 @@
 //! The paged KV cache: fixed-size blocks of token entries per layer, addressed by block tables.
 
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
 use crate::backend::SeqSpan;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -14,24 +17,80 @@ pub enum KvCacheError {
     BlockOutOfRange { block: u32, num_blocks: usize },
 }
 
-/// Per-layer storage of `num_blocks × block_size` entries of `width[layer]` floats.
+/// How the cache stores its entries (vLLM's `--kv-cache-dtype`, llama.cpp's `-ctk`/`-ctv`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvCacheDtype {
+    /// Exactly the values the model computed.
+    #[default]
+    F32,
+    /// Half the memory and half the bytes each decoded token's attention reads (llama.cpp's
+    /// default); keys and values round to 11 significant bits.
+    F16,
+}
+
+impl KvCacheDtype {
+    pub fn bytes(self) -> usize {
+        match self {
+            KvCacheDtype::F32 => 4,
+            KvCacheDtype::F16 => 2,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KvCacheDtype::F32 => "float32",
+            KvCacheDtype::F16 => "float16",
+        }
+    }
+}
+
+/// One layer's entries, as stored.
+#[derive(Clone, Copy, Debug)]
+pub enum KvLayer<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+}
+
+#[derive(Debug)]
+enum Storage {
+    F32(Vec<Vec<f32>>),
+    F16(Vec<Vec<f16>>),
+}
+
+/// Per-layer storage of `num_blocks × block_size` entries of `width[layer]` values.
 #[derive(Debug)]
 pub struct PagedKvCache {
     block_size: usize,
     num_blocks: usize,
     widths: Vec<usize>,
-    layers: Vec<Vec<f32>>,
+    layers: Storage,
 }
 
 impl PagedKvCache {
+    /// An f32 cache.
     pub fn new(block_size: usize, num_blocks: usize, widths: &[usize]) -> Self {
+        Self::with_dtype(block_size, num_blocks, widths, KvCacheDtype::F32)
+    }
+
+    pub fn with_dtype(block_size: usize, num_blocks: usize, widths: &[usize], dtype: KvCacheDtype) -> Self {
         assert!(block_size > 0, "block size must be positive");
-        let layers = widths.iter().map(|w| vec![0.0; block_size * num_blocks * w]).collect();
+        let sizes = widths.iter().map(|w| block_size * num_blocks * w);
+        let layers = match dtype {
+            KvCacheDtype::F32 => Storage::F32(sizes.map(|n| vec![0.0; n]).collect()),
+            KvCacheDtype::F16 => Storage::F16(sizes.map(|n| vec![f16::ZERO; n]).collect()),
+        };
         Self {
             block_size,
             num_blocks,
             widths: widths.to_vec(),
             layers,
+        }
+    }
+
+    pub fn dtype(&self) -> KvCacheDtype {
+        match self.layers {
+            Storage::F32(_) => KvCacheDtype::F32,
+            Storage::F16(_) => KvCacheDtype::F16,
         }
     }
 
@@ -53,7 +112,7 @@ impl PagedKvCache {
 
     /// Bytes of cache one token occupies over all layers.
     pub fn bytes_per_token(&self) -> usize {
-        self.widths.iter().sum::<usize>() * std::mem::size_of::<f32>()
+        self.widths.iter().sum::<usize>() * self.dtype().bytes()
     }
 
     /// Checks that every span's positions have a slot in an existing block.
@@ -88,26 +147,52 @@ impl PagedKvCache {
         block_table[pos / self.block_size] as usize * self.block_size + pos % self.block_size
     }
 
+    /// Layer `layer`'s entries: slot `s` holds values `s·width..(s + 1)·width`.
     #[inline]
-    pub fn entry(&self, layer: usize, slot: usize) -> &[f32] {
-        let w = self.widths[layer];
-        &self.layers[layer][slot * w..(slot + 1) * w]
+    pub fn layer(&self, layer: usize) -> KvLayer<'_> {
+        match &self.layers {
+            Storage::F32(layers) => KvLayer::F32(&layers[layer]),
+            Storage::F16(layers) => KvLayer::F16(&layers[layer]),
+        }
     }
 
+    /// Stores `values` (one entry, `width(layer)` of them) in `slot`, rounded to the cache's
+    /// dtype.
     #[inline]
-    pub fn entry_mut(&mut self, layer: usize, slot: usize) -> &mut [f32] {
+    pub fn write_entry(&mut self, layer: usize, slot: usize, values: &[f32]) {
         let w = self.widths[layer];
-        &mut self.layers[layer][slot * w..(slot + 1) * w]
+        let range = slot * w..(slot + 1) * w;
+        match &mut self.layers {
+            Storage::F32(layers) => layers[layer][range].copy_from_slice(values),
+            Storage::F16(layers) => {
+                assert_eq!(values.len(), w, "a KV entry is {w} values");
+                layers[layer][range].convert_from_f32_slice(values);
+            }
+        }
+    }
+
+    /// The entry in `slot` as f32 (for checks; attention reads [`Self::layer`]).
+    pub fn read_entry(&self, layer: usize, slot: usize) -> Vec<f32> {
+        let w = self.widths[layer];
+        let range = slot * w..(slot + 1) * w;
+        match self.layer(layer) {
+            KvLayer::F32(values) => values[range].to_vec(),
+            KvLayer::F16(values) => values[range].iter().map(|v| v.to_f32()).collect(),
+        }
     }
 
     /// Copies one whole block to another in every layer (for
     /// copy-on-write of a shared prefix block).
     pub fn copy_block(&mut self, from: u32, to: u32) {
-        let bs = self.block_size;
-        for (layer, data) in self.layers.iter_mut().enumerate() {
-            let w = self.widths[layer];
-            let (src, dst) = (from as usize * bs * w, to as usize * bs * w);
-            data.copy_within(src..src + bs * w, dst);
+        fn copy<T: Copy>(layers: &mut [Vec<T>], widths: &[usize], span: usize, from: usize, to: usize) {
+            for (data, w) in layers.iter_mut().zip(widths) {
+                data.copy_within(from * span * w..(from + 1) * span * w, to * span * w);
+            }
+        }
+        let (bs, from, to) = (self.block_size, from as usize, to as usize);
+        match &mut self.layers {
+            Storage::F32(layers) => copy(layers, &self.widths, bs, from, to),
+            Storage::F16(layers) => copy(layers, &self.widths, bs, from, to),
         }
     }
 }
@@ -144,6 +229,24 @@ mod tests {
                 num_blocks: 2
             })
         );
+    }
+
+    /// F16 entries round to the nearest half (read back exactly as `half` rounds), take half the
+    /// bytes, and whole blocks copy between slots as F32 ones do.
+    #[test]
+    fn f16_entries_round_take_half_the_bytes_and_copy_by_block() {
+        let values = [1.0f32, 0.1, -65504.0, 2.71, 1e-6, 0.0];
+        let mut cache = PagedKvCache::with_dtype(2, 3, &[6, 6], KvCacheDtype::F16);
+        assert_eq!(cache.dtype(), KvCacheDtype::F16);
+        assert_eq!(cache.bytes_per_token(), 12 * 2);
+        assert_eq!(PagedKvCache::new(2, 3, &[6, 6]).bytes_per_token(), 12 * 4);
+        cache.write_entry(1, 3, &values);
+        let rounded: Vec<f32> = values.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
+        assert_eq!(cache.read_entry(1, 3), rounded);
+        assert_ne!(rounded, values, "0.1 and 2.71 are not halves");
+        cache.copy_block(1, 2);
+        assert_eq!(cache.read_entry(1, 5), rounded);
+        assert_eq!(cache.read_entry(0, 5), vec![0.0; 6]);
     }
 
     #[test]

@@ -14,7 +14,7 @@ pub mod weight;
 pub use backend::{AttentionLayout, Backend, MatmulPrecision, SeqSpan};
 pub use cpu::CpuBackend;
 pub use dtype::WeightFormat;
-pub use kv_cache::PagedKvCache;
+pub use kv_cache::{KvCacheDtype, KvLayer, PagedKvCache};
 pub use quant::PreparedActivations;
 pub use rope::{RopeScaling, RopeStyle, RopeTable};
 pub use weight::{ByteView, WeightError, WeightMatrix};

@@ -61,6 +61,7 @@ pub fn reference(model: &dyn CausalLm, request: &Request) -> GenerateOutput {
         stop_token_ids: stop,
         top_logprobs: request.logprobs.unwrap_or(0),
         echo: request.prompt_logprobs.is_some(),
+        kv_cache_dtype: Default::default(),
     };
     generate(model, &single, |_| {}).unwrap()
 }

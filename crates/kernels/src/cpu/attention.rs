@@ -16,8 +16,10 @@ use super::pool;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
+use half::f16;
+
 use crate::backend::{AttentionLayout, SeqSpan};
-use crate::kv_cache::PagedKvCache;
+use crate::kv_cache::{KvLayer, PagedKvCache};
 
 /// Positions scored together.
 const CHUNK: usize = 32;
@@ -36,6 +38,52 @@ pub fn attention(
     spans: &[SeqSpan],
     cache: &PagedKvCache,
     layer: usize,
+    layout: &AttentionLayout,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let (width, block_size) = (cache.width(layer), cache.block_size());
+    match cache.layer(layer) {
+        KvLayer::F32(values) => {
+            let cache = Entries {
+                values,
+                width,
+                block_size,
+            };
+            attention_over(isa, q, spans, cache, layout, scale, out)
+        }
+        KvLayer::F16(values) => {
+            let cache = Entries {
+                values,
+                width,
+                block_size,
+            };
+            attention_over(isa, q, spans, cache, layout, scale, out)
+        }
+    }
+}
+
+/// One layer's cache entries, stored as `E`.
+#[derive(Clone, Copy)]
+struct Entries<'a, E> {
+    values: &'a [E],
+    width: usize,
+    block_size: usize,
+}
+
+impl<'a, E> Entries<'a, E> {
+    #[inline(always)]
+    fn entry(&self, slot: usize) -> &'a [E] {
+        &self.values[slot * self.width..(slot + 1) * self.width]
+    }
+}
+
+/// [`attention`] over one layer's entries.
+fn attention_over<E: KvValue>(
+    isa: Isa,
+    q: &[f32],
+    spans: &[SeqSpan],
+    cache: Entries<'_, E>,
     layout: &AttentionLayout,
     scale: f32,
     out: &mut [f32],
@@ -70,7 +118,6 @@ pub fn attention(
             key_at: kv_head * layout.key_stride,
             value_at: layout.value_offset + kv_head * layout.value_stride,
             cache,
-            layer,
             block_table: span.block_table,
             positions: split_range(last + 1, from),
             scale,
@@ -166,7 +213,7 @@ fn token_position<'a>(spans: &'a [SeqSpan<'a>], mut token: usize) -> (&'a SeqSpa
 }
 
 /// One token's attention for `heads` query heads over one KV head.
-struct Task<'a> {
+struct Task<'a, E> {
     /// `[heads, key_dim]`.
     queries: &'a [f32],
     heads: usize,
@@ -175,8 +222,7 @@ struct Task<'a> {
     /// Where the KV head's key and value start in a cache entry.
     key_at: usize,
     value_at: usize,
-    cache: &'a PagedKvCache,
-    layer: usize,
+    cache: Entries<'a, E>,
     block_table: &'a [u32],
     /// The positions this task covers of those the token attends to (all of them, or one
     /// split's range).
@@ -184,7 +230,7 @@ struct Task<'a> {
     scale: f32,
 }
 
-impl Task<'_> {
+impl<E: KvValue> Task<'_, E> {
     /// Leaves in `acc` each head's sums of `e^(s − max)·v` over the positions, and returns each
     /// head's `(max, Σ e^(s − max))` (`(−∞, 0)` for no positions).
     fn run(&self, isa: Isa, acc: &mut [f32]) -> [(f32, f32); MAX_HEADS] {
@@ -220,7 +266,7 @@ impl Task<'_> {
         let (heads, kd, vd) = (self.heads, self.key_dim, self.value_dim);
         let mut scores = [0.0f32; MAX_HEADS * CHUNK];
         let (mut max, mut denom) = ([f32::NEG_INFINITY; MAX_HEADS], [0.0f32; MAX_HEADS]);
-        let mut values: [&[f32]; CHUNK] = [&[]; CHUNK];
+        let mut values: [&[E]; CHUNK] = [&[]; CHUNK];
         acc.fill(0.0);
         let mut slots = [0usize; CHUNK + PREFETCH];
         let (mut start, end) = (self.positions.start, self.positions.end);
@@ -232,11 +278,11 @@ impl Task<'_> {
                 if let Some(&later) = slots[..known].get(i + PREFETCH) {
                     // The cache is far larger than the caches: ask for a later position's key
                     // and value while this one is scored.
-                    let ahead = self.cache.entry(self.layer, later);
+                    let ahead = self.cache.entry(later);
                     prefetch(&ahead[self.key_at..self.key_at + kd]);
                     prefetch(&ahead[self.value_at..self.value_at + vd]);
                 }
-                let key = &self.cache.entry(self.layer, slots[i])[self.key_at..self.key_at + kd];
+                let key = &self.cache.entry(slots[i])[self.key_at..self.key_at + kd];
                 K::score(self.queries, key, self.scale, &mut scores[i..]);
             }
             for h in 0..heads {
@@ -254,7 +300,7 @@ impl Task<'_> {
                 denom[h] += scores.iter().sum::<f32>();
             }
             for (value, &slot) in values.iter_mut().zip(&slots[..len]) {
-                *value = &self.cache.entry(self.layer, slot)[self.value_at..self.value_at + vd];
+                *value = &self.cache.entry(slot)[self.value_at..self.value_at + vd];
             }
             K::accumulate(&scores, &values[..len], acc);
             start += len;
@@ -266,7 +312,7 @@ impl Task<'_> {
     /// division per chunk instead of two per position).
     #[inline(always)]
     fn slots(&self, start: usize, slots: &mut [usize]) {
-        let block_size = self.cache.block_size();
+        let block_size = self.cache.block_size;
         let (mut block, mut offset) = (start / block_size, start % block_size);
         for slot in slots {
             *slot = self.block_table[block] as usize * block_size + offset;
@@ -282,11 +328,51 @@ impl Task<'_> {
 trait ChunkKernel {
     /// `scores[h · CHUNK] = scale · queries[h] · key` for every query head `h` (rows of
     /// `queries` as long as `key`).
-    fn score(queries: &[f32], key: &[f32], scale: f32, scores: &mut [f32]);
+    fn score<E: KvValue>(queries: &[f32], key: &[E], scale: f32, scores: &mut [f32]);
 
     /// `acc[h] += Σ_i scores[h · CHUNK + i] · values[i]` for every head `h` (rows of `acc` as
     /// long as the values).
-    fn accumulate(scores: &[f32], values: &[&[f32]], acc: &mut [f32]);
+    fn accumulate<E: KvValue>(scores: &[f32], values: &[&[E]], acc: &mut [f32]);
+}
+
+/// A value type the cache stores entries in.
+trait KvValue: Copy + Sync {
+    fn to_f32(self) -> f32;
+
+    /// 16 values from `at` (the lanes of `mask`; the others 0), as f32.
+    ///
+    /// # Safety
+    /// The masked lanes must be readable; AVX-512F/BW/VL must be enabled.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(at: *const Self, mask: u16) -> std::arch::x86_64::__m512;
+}
+
+impl KvValue for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(at: *const Self, mask: u16) -> std::arch::x86_64::__m512 {
+        // SAFETY: as the caller guarantees.
+        unsafe { x86::load_f32(at, mask) }
+    }
+}
+
+impl KvValue for f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(at: *const Self, mask: u16) -> std::arch::x86_64::__m512 {
+        // SAFETY: as the caller guarantees.
+        unsafe { x86::load_f16(at, mask) }
+    }
 }
 
 /// Loops the compiler vectorizes for whatever instruction set the caller enables.
@@ -294,19 +380,19 @@ struct Portable;
 
 impl ChunkKernel for Portable {
     #[inline(always)]
-    fn score(queries: &[f32], key: &[f32], scale: f32, scores: &mut [f32]) {
+    fn score<E: KvValue>(queries: &[f32], key: &[E], scale: f32, scores: &mut [f32]) {
         for (h, query) in queries.chunks_exact(key.len()).enumerate() {
             scores[h * CHUNK] = dot(query, key) * scale;
         }
     }
 
     #[inline(always)]
-    fn accumulate(scores: &[f32], values: &[&[f32]], acc: &mut [f32]) {
+    fn accumulate<E: KvValue>(scores: &[f32], values: &[&[E]], acc: &mut [f32]) {
         for (i, value) in values.iter().enumerate() {
             for (h, acc) in acc.chunks_exact_mut(value.len()).enumerate() {
                 let p = scores[h * CHUNK + i];
                 for (a, &v) in acc.iter_mut().zip(*value) {
-                    *a += p * v;
+                    *a += p * v.to_f32();
                 }
             }
         }
@@ -318,11 +404,12 @@ const PREFETCH: usize = 4;
 
 /// Hints the CPU to bring `data` into its caches.
 #[inline(always)]
-fn prefetch(data: &[f32]) {
+fn prefetch<E>(data: &[E]) {
     #[cfg(target_arch = "x86_64")]
-    for line in data.chunks(16) {
+    for offset in (0..std::mem::size_of_val(data)).step_by(64) {
+        let line = (data.as_ptr() as *const i8).wrapping_add(offset);
         // SAFETY: a prefetch is a hint that never faults; the address is inside `data`.
-        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line.as_ptr() as *const i8) };
+        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line) };
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = data;
@@ -330,7 +417,7 @@ fn prefetch(data: &[f32]) {
 
 /// `a · b` in sixteen independent lanes (a loop the compiler turns into vector multiply-adds).
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<E: KvValue>(a: &[f32], b: &[E]) -> f32 {
     const LANES: usize = 16;
     let mut lanes = [0.0f32; LANES];
     let (a_body, b_body) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
@@ -338,11 +425,11 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         .remainder()
         .iter()
         .zip(b_body.remainder())
-        .map(|(x, y)| x * y)
+        .map(|(x, y)| x * y.to_f32())
         .sum();
     for (a, b) in a_body.zip(b_body) {
         for i in 0..LANES {
-            lanes[i] += a[i] * b[i];
+            lanes[i] += a[i] * b[i].to_f32();
         }
     }
     lanes.iter().sum::<f32>() + tail
@@ -352,6 +439,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 mod tests {
     use super::*;
     use crate::cpu::dot::isa;
+    use crate::kv_cache::KvCacheDtype;
     use rand::{Rng, SeedableRng};
 
     /// f64 reference: softmax(q·k * scale) · v over positions 0..=pos, from dense K/V arrays.
@@ -386,7 +474,7 @@ mod tests {
             .collect();
         for (pos, e) in entries.iter().enumerate() {
             let slot = cache.slot(&table, pos);
-            cache.entry_mut(0, slot).copy_from_slice(e);
+            cache.write_entry(0, slot, e);
         }
         let span = SeqSpan {
             start_pos: 5,
@@ -430,10 +518,13 @@ mod tests {
     fn batch_of_sequences_over_several_chunks_on_every_isa() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
         let (bs, n_kv, hd) = (16, 2, 20);
-        for n_heads in [2, 8, 12, 36] {
+        let cases = [2, 8, 12, 36]
+            .into_iter()
+            .flat_map(|h| [(h, KvCacheDtype::F32), (h, KvCacheDtype::F16)]);
+        for (n_heads, dtype) in cases {
             let layout = AttentionLayout::multi_head(n_heads, n_kv, hd);
             let width = layout.entry_width();
-            let mut cache = PagedKvCache::new(bs, 24, &[width]);
+            let mut cache = PagedKvCache::with_dtype(bs, 24, &[width], dtype);
             // Lengths 1, 70 (3 chunks) and 100, in scattered blocks; values grow with the
             // position so the running maximum moves.
             let lengths = [1usize, 70, 100];
@@ -446,11 +537,17 @@ mod tests {
                         (0..width).map(|_| rng.random_range(-grow..grow)).collect()
                     })
                     .collect();
-                for (pos, e) in seq.iter().enumerate() {
-                    let slot = cache.slot(table, pos);
-                    cache.entry_mut(0, slot).copy_from_slice(e);
-                }
-                entries.push(seq);
+                // The reference sees what the cache holds (rounded to F16 in an F16 cache).
+                let stored: Vec<Vec<f32>> = seq
+                    .iter()
+                    .enumerate()
+                    .map(|(pos, e)| {
+                        let slot = cache.slot(table, pos);
+                        cache.write_entry(0, slot, e);
+                        cache.read_entry(0, slot)
+                    })
+                    .collect();
+                entries.push(stored);
             }
             // Queries: the last token of the first two sequences, the last 3 of the third.
             let spans = [
@@ -488,7 +585,7 @@ mod tests {
                         for (a, b) in out[at..at + hd].iter().zip(&expected) {
                             assert!(
                                 (*a as f64 - b).abs() < 1e-4 * (1.0 + b.abs()),
-                                "{isa:?} heads {n_heads}: {a} vs {b}"
+                                "{isa:?} {dtype:?} heads {n_heads}: {a} vs {b}"
                             );
                         }
                     }
@@ -502,12 +599,18 @@ mod tests {
     /// empty), every instruction set against the f64 reference, the running maximum rising late.
     #[test]
     fn long_contexts_split_over_tasks_on_every_isa() {
+        for dtype in [KvCacheDtype::F32, KvCacheDtype::F16] {
+            long_contexts_split_over_tasks(dtype);
+        }
+    }
+
+    fn long_contexts_split_over_tasks(dtype: KvCacheDtype) {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(17);
         let (bs, n_heads, n_kv, hd, long) = (16, 12, 2, 20, 700usize);
         let layout = AttentionLayout::multi_head(n_heads, n_kv, hd);
         let width = layout.entry_width();
         let blocks = long.div_ceil(bs);
-        let mut cache = PagedKvCache::new(bs, blocks + 1, &[width]);
+        let mut cache = PagedKvCache::with_dtype(bs, blocks + 1, &[width], dtype);
         let long_table: Vec<u32> = (0..blocks as u32).rev().collect();
         let short_table = [blocks as u32];
         let entries: Vec<Vec<f32>> = (0..long)
@@ -516,14 +619,20 @@ mod tests {
                 (0..width).map(|_| rng.random_range(-grow..grow)).collect()
             })
             .collect();
-        for (pos, e) in entries.iter().enumerate() {
-            let slot = cache.slot(&long_table, pos);
-            cache.entry_mut(0, slot).copy_from_slice(e);
-        }
+        // The reference sees what the cache holds (rounded to F16 in an F16 cache).
+        let entries: Vec<Vec<f32>> = entries
+            .iter()
+            .enumerate()
+            .map(|(pos, e)| {
+                let slot = cache.slot(&long_table, pos);
+                cache.write_entry(0, slot, e);
+                cache.read_entry(0, slot)
+            })
+            .collect();
         let short_entry: Vec<f32> = (0..width).map(|_| rng.random_range(-1.0..1.0)).collect();
-        cache
-            .entry_mut(0, cache.slot(&short_table, 0))
-            .copy_from_slice(&short_entry);
+        let short_slot = cache.slot(&short_table, 0);
+        cache.write_entry(0, short_slot, &short_entry);
+        let short_entry = cache.read_entry(0, short_slot);
         let long_span = SeqSpan {
             start_pos: long - 1,
             len: 1,
@@ -554,7 +663,7 @@ mod tests {
                         for (a, b) in out[at..at + hd].iter().zip(&expected) {
                             assert!(
                                 (*a as f64 - b).abs() < 1e-4 * (1.0 + b.abs()),
-                                "{isa:?} {} sequences, token {token}: {a} vs {b}",
+                                "{isa:?} {dtype:?} {} sequences, token {token}: {a} vs {b}",
                                 spans.len()
                             );
                         }
@@ -575,7 +684,7 @@ mod tests {
             .map(|_| (0..8).map(|_| rng.random_range(-1.0..1.0)).collect())
             .collect();
         for (pos, e) in entries.iter().enumerate() {
-            cache.entry_mut(0, pos).copy_from_slice(e);
+            cache.write_entry(0, pos, e);
         }
         let q: Vec<f32> = (0..n_heads * 8).map(|_| rng.random_range(-1.0..1.0)).collect();
         let mut out = vec![0.0; n_heads * latent];

@@ -143,7 +143,7 @@ impl Backend for CpuBackend {
             for pos in span.start_pos..span.start_pos + span.len {
                 let Some(row) = rows.next() else { return };
                 let slot = cache.slot(span.block_table, pos);
-                cache.entry_mut(layer, slot).copy_from_slice(row);
+                cache.write_entry(layer, slot, row);
             }
         }
     }

@@ -7,7 +7,9 @@
 
 use std::arch::x86_64::*;
 
-use super::{ChunkKernel, CHUNK};
+use half::f16;
+
+use super::{ChunkKernel, KvValue, CHUNK};
 
 /// Only for code compiled with AVX-512F enabled (`Task::run_avx512`), on a CPU that has it.
 pub(super) struct Avx512;
@@ -20,28 +22,28 @@ const SLICE: usize = 4;
 
 impl ChunkKernel for Avx512 {
     #[inline(always)]
-    fn score(queries: &[f32], key: &[f32], scale: f32, scores: &mut [f32]) {
+    fn score<E: KvValue>(queries: &[f32], key: &[E], scale: f32, scores: &mut [f32]) {
         let heads = queries.len() / key.len().max(1);
         // SAFETY: `Avx512` runs only where AVX-512F was detected (its contract).
         for_head_groups(heads, |first, count| unsafe {
             match count {
-                4 => score_heads::<4>(queries, key, scale, scores, first),
-                2 => score_heads::<2>(queries, key, scale, scores, first),
-                _ => score_heads::<1>(queries, key, scale, scores, first),
+                4 => score_heads::<E, 4>(queries, key, scale, scores, first),
+                2 => score_heads::<E, 2>(queries, key, scale, scores, first),
+                _ => score_heads::<E, 1>(queries, key, scale, scores, first),
             }
         });
     }
 
     #[inline(always)]
-    fn accumulate(scores: &[f32], values: &[&[f32]], acc: &mut [f32]) {
+    fn accumulate<E: KvValue>(scores: &[f32], values: &[&[E]], acc: &mut [f32]) {
         let width = values.first().map_or(0, |v| v.len());
         let heads = acc.len() / width.max(1);
         // SAFETY: as in `score`.
         for_head_groups(heads, |first, count| unsafe {
             match count {
-                4 => accumulate_heads::<4>(scores, values, acc, first),
-                2 => accumulate_heads::<2>(scores, values, acc, first),
-                _ => accumulate_heads::<1>(scores, values, acc, first),
+                4 => accumulate_heads::<E, 4>(scores, values, acc, first),
+                2 => accumulate_heads::<E, 2>(scores, values, acc, first),
+                _ => accumulate_heads::<E, 1>(scores, values, acc, first),
             }
         });
     }
@@ -76,7 +78,7 @@ fn lanes(width: usize, v: usize) -> __mmask16 {
 /// `scores[(first + g) · CHUNK] = scale · queries[first + g] · key` for `g < G`.
 #[target_feature(enable = "avx512f")]
 #[inline]
-fn score_heads<const G: usize>(queries: &[f32], key: &[f32], scale: f32, scores: &mut [f32], first: usize) {
+fn score_heads<E: KvValue, const G: usize>(queries: &[f32], key: &[E], scale: f32, scores: &mut [f32], first: usize) {
     let kd = key.len();
     assert!(queries.len() >= (first + G) * kd && scores.len() > (first + G - 1) * CHUNK);
     let mut sums = [_mm512_setzero_ps(); G];
@@ -86,7 +88,7 @@ fn score_heads<const G: usize>(queries: &[f32], key: &[f32], scale: f32, scores:
         // and the query rows `first..first + G` of `kd` floats lie in `queries` (asserted);
         // masked-off lanes are not read.
         unsafe {
-            let k = _mm512_maskz_loadu_ps(mask, key.wrapping_add(16 * v));
+            let k = E::load16(key.wrapping_add(16 * v), mask);
             for (g, sum) in sums.iter_mut().enumerate() {
                 let q = _mm512_maskz_loadu_ps(mask, queries.wrapping_add((first + g) * kd + 16 * v));
                 *sum = _mm512_fmadd_ps(q, k, *sum);
@@ -108,7 +110,7 @@ fn score_heads<const G: usize>(queries: &[f32], key: &[f32], scale: f32, scores:
 /// [`SLICE`] vectors of every head's row at a time, kept in registers over the chunk.
 #[target_feature(enable = "avx512f")]
 #[inline]
-fn accumulate_heads<const G: usize>(scores: &[f32], values: &[&[f32]], acc: &mut [f32], first: usize) {
+fn accumulate_heads<E: KvValue, const G: usize>(scores: &[f32], values: &[&[E]], acc: &mut [f32], first: usize) {
     let vd = values.first().map_or(0, |v| v.len());
     assert!(acc.len() >= (first + G) * vd && values.len() <= CHUNK);
     assert!(values.iter().all(|v| v.len() == vd) && scores.len() >= (first + G) * CHUNK);
@@ -128,7 +130,7 @@ fn accumulate_heads<const G: usize>(scores: &[f32], values: &[&[f32]], acc: &mut
             let weights: [__m512; G] = std::array::from_fn(|g| _mm512_set1_ps(scores[(first + g) * CHUNK + i]));
             for (j, &mask) in masks.iter().enumerate() {
                 // SAFETY: as above, within the value row of `vd` floats (asserted).
-                let x = unsafe { _mm512_maskz_loadu_ps(mask, value.as_ptr().wrapping_add(16 * (v0 + j))) };
+                let x = unsafe { E::load16(value.as_ptr().wrapping_add(16 * (v0 + j)), mask) };
                 for g in 0..G {
                     sums[g][j] = _mm512_fmadd_ps(weights[g], x, sums[g][j]);
                 }
@@ -141,4 +143,24 @@ fn accumulate_heads<const G: usize>(scores: &[f32], values: &[&[f32]], acc: &mut
             }
         }
     }
+}
+
+/// 16 f32 at `at`, the lanes of `mask` (the others 0).
+///
+/// # Safety
+/// The masked lanes must be readable; AVX-512F must be enabled.
+#[inline(always)]
+pub(super) unsafe fn load_f32(at: *const f32, mask: __mmask16) -> __m512 {
+    // SAFETY: as the caller guarantees.
+    unsafe { _mm512_maskz_loadu_ps(mask, at) }
+}
+
+/// 16 f16 at `at`, the lanes of `mask` (the others 0), widened to f32.
+///
+/// # Safety
+/// The masked lanes must be readable; AVX-512F, BW and VL must be enabled.
+#[inline(always)]
+pub(super) unsafe fn load_f16(at: *const f16, mask: __mmask16) -> __m512 {
+    // SAFETY: as the caller guarantees (masked-off halves are not read).
+    unsafe { _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, at as *const _)) }
 }
