@@ -38,7 +38,7 @@ pub struct ServeArgs {
     /// Prompt + output tokens per request at most (default: the model's context).
     #[arg(long)]
     max_model_len: Option<usize>,
-    /// KV cache size in MiB (default: 1024).
+    /// KV cache size in MiB (default: 1024), holding entries of `--kv-cache-dtype`.
     #[arg(long)]
     kv_cache_mib: Option<u64>,
     /// Reasoning tokens at most before `</think>` is forced (requests may set `thinking_budget`).
