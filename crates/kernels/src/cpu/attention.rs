@@ -93,17 +93,38 @@ fn attention_over<E: KvValue>(
     let n_tokens: usize = spans.iter().map(|span| span.len).sum();
     // At most `MAX_HEADS` heads per task (the scratch lives on the stack) and `ACC_FLOATS` of
     // accumulators (a latent-attention head's are 512 wide: they must stay in L1 while the
-    // values stream past), and fewer until both cores have a few tasks (a decoded token of a
-    // latent-attention model has one KV head for all of its heads).
+    // values stream past). Where whole KV heads' groups fit, a task takes several: it then reads
+    // whole cache entries, one contiguous stretch, rather than one head's slice of each.
     let most = MAX_HEADS.min(ACC_FLOATS / vd.max(1)).max(1);
-    let mut heads = (1..=group.min(most))
-        .rev()
-        .find(|h| group.is_multiple_of(*h))
-        .unwrap_or(1);
-    while heads.is_multiple_of(2) && n_tokens * n_heads / heads < pool::threads() {
+    let n_kv = n_heads / group;
+    let mut heads = if group <= most {
+        group
+            * (1..=(most / group).min(n_kv))
+                .rev()
+                .find(|k| n_kv.is_multiple_of(*k))
+                .unwrap_or(1)
+    } else {
+        (1..=most).rev().find(|h| group.is_multiple_of(*h)).unwrap_or(1)
+    };
+    let longest = spans.iter().map(|span| span.start_pos + span.len).max().unwrap_or(0);
+    // Long contexts split their positions into ranges until the cores have a few tasks each.
+    let splits = |heads: usize| {
+        (4 * pool::threads())
+            .div_ceil(n_tokens * (n_heads / heads))
+            .min(longest.div_ceil(MIN_SPLIT_POSITIONS))
+            .max(1)
+    };
+    // Fewer heads per task until every core has one (a decoded token of a latent-attention
+    // model has one KV head for all of its heads), keeping tasks to whole groups or parts of one.
+    let whole_or_part = |h: usize| h.is_multiple_of(group) || group.is_multiple_of(h);
+    while heads.is_multiple_of(2)
+        && whole_or_part(heads / 2)
+        && n_tokens * (n_heads / heads) * splits(heads) < pool::threads()
+    {
         heads /= 2;
     }
-    let tasks_per_token = n_heads / heads;
+    let (splits, tasks_per_token) = (splits(heads), n_heads / heads);
+    let group_heads = heads.min(group);
     let out = &mut out[..n_tokens * n_heads * vd];
     let task = |index: usize, from: (usize, usize)| {
         let (token, first_head) = (index / tasks_per_token, index % tasks_per_token * heads);
@@ -113,10 +134,13 @@ fn attention_over<E: KvValue>(
         Task {
             queries: &q[at..at + heads * kd],
             heads,
+            group_heads,
             key_dim: kd,
             value_dim: vd,
             key_at: kv_head * layout.key_stride,
             value_at: layout.value_offset + kv_head * layout.value_stride,
+            key_stride: layout.key_stride,
+            value_stride: layout.value_stride,
             cache,
             block_table: span.block_table,
             positions: split_range(last + 1, from),
@@ -124,11 +148,6 @@ fn attention_over<E: KvValue>(
         }
     };
     let groups = n_tokens * tasks_per_token;
-    let longest = spans.iter().map(|span| span.start_pos + span.len).max().unwrap_or(0);
-    let splits = (4 * pool::threads())
-        .div_ceil(groups.max(1))
-        .min(longest.div_ceil(MIN_SPLIT_POSITIONS))
-        .max(1);
     if splits == 1 {
         pool::for_each_chunk_mut(out, heads * vd, |index, acc| {
             let stats = task(index, (0, 1)).run(isa, acc);
@@ -212,16 +231,21 @@ fn token_position<'a>(spans: &'a [SeqSpan<'a>], mut token: usize) -> (&'a SeqSpa
     unreachable!("task index beyond the batch's tokens")
 }
 
-/// One token's attention for `heads` query heads over one KV head.
+/// One token's attention for `heads` query heads: `group_heads` of them per KV head, over
+/// `heads / group_heads` consecutive KV heads.
 struct Task<'a, E> {
     /// `[heads, key_dim]`.
     queries: &'a [f32],
     heads: usize,
+    group_heads: usize,
     key_dim: usize,
     value_dim: usize,
-    /// Where the KV head's key and value start in a cache entry.
+    /// Where the first KV head's key and value start in a cache entry, and the distance to the
+    /// next KV head's.
     key_at: usize,
     value_at: usize,
+    key_stride: usize,
+    value_stride: usize,
     cache: Entries<'a, E>,
     block_table: &'a [u32],
     /// The positions this task covers of those the token attends to (all of them, or one
@@ -264,6 +288,7 @@ impl<E: KvValue> Task<'_, E> {
     #[inline(always)]
     fn run_with<K: ChunkKernel>(&self, acc: &mut [f32]) -> [(f32, f32); MAX_HEADS] {
         let (heads, kd, vd) = (self.heads, self.key_dim, self.value_dim);
+        let (gh, kv_heads) = (self.group_heads, self.heads / self.group_heads);
         let mut scores = [0.0f32; MAX_HEADS * CHUNK];
         let (mut max, mut denom) = ([f32::NEG_INFINITY; MAX_HEADS], [0.0f32; MAX_HEADS]);
         let mut values: [&[E]; CHUNK] = [&[]; CHUNK];
@@ -276,14 +301,27 @@ impl<E: KvValue> Task<'_, E> {
             self.slots(start, &mut slots[..known]);
             for i in 0..len {
                 if let Some(&later) = slots[..known].get(i + PREFETCH) {
-                    // The cache is far larger than the caches: ask for a later position's key
-                    // and value while this one is scored.
+                    // The cache is far larger than the caches: ask for a later position's keys
+                    // and values while this one is scored.
                     let ahead = self.cache.entry(later);
-                    prefetch(&ahead[self.key_at..self.key_at + kd]);
-                    prefetch(&ahead[self.value_at..self.value_at + vd]);
+                    for kv in 0..kv_heads {
+                        let (key_at, value_at) = self.offsets(kv);
+                        prefetch(&ahead[key_at..key_at + kd]);
+                        prefetch(&ahead[value_at..value_at + vd]);
+                    }
                 }
-                let key = &self.cache.entry(slots[i])[self.key_at..self.key_at + kd];
-                K::score(self.queries, key, self.scale, &mut scores[i..]);
+                let entry = self.cache.entry(slots[i]);
+                for kv in 0..kv_heads {
+                    let key_at = self.offsets(kv).0;
+                    let (first, last) = (kv * gh, (kv + 1) * gh);
+                    let queries = &self.queries[first * kd..last * kd];
+                    K::score(
+                        queries,
+                        &entry[key_at..key_at + kd],
+                        self.scale,
+                        &mut scores[first * CHUNK + i..],
+                    );
+                }
             }
             for h in 0..heads {
                 let scores = &mut scores[h * CHUNK..h * CHUNK + len];
@@ -299,13 +337,30 @@ impl<E: KvValue> Task<'_, E> {
                 scores.iter_mut().for_each(|s| *s = exp(*s - m));
                 denom[h] += scores.iter().sum::<f32>();
             }
-            for (value, &slot) in values.iter_mut().zip(&slots[..len]) {
-                *value = &self.cache.entry(slot)[self.value_at..self.value_at + vd];
+            for kv in 0..kv_heads {
+                let value_at = self.offsets(kv).1;
+                for (value, &slot) in values.iter_mut().zip(&slots[..len]) {
+                    *value = &self.cache.entry(slot)[value_at..value_at + vd];
+                }
+                let (first, last) = (kv * gh, (kv + 1) * gh);
+                K::accumulate(
+                    &scores[first * CHUNK..],
+                    &values[..len],
+                    &mut acc[first * vd..last * vd],
+                );
             }
-            K::accumulate(&scores, &values[..len], acc);
             start += len;
         }
         std::array::from_fn(|h| (max[h], denom[h]))
+    }
+
+    /// Where the task's `kv`-th KV head's key and value start in an entry.
+    #[inline(always)]
+    fn offsets(&self, kv: usize) -> (usize, usize) {
+        (
+            self.key_at + kv * self.key_stride,
+            self.value_at + kv * self.value_stride,
+        )
     }
 
     /// The cache slots of positions `start..start + slots.len()`, walked block by block (one
