@@ -72,26 +72,29 @@ fn bench_without_weights_is_refused_by_name() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("--load-format dummy"));
 }
 
+/// `r1serve -t 1 bench` on the llama-f32 config with dummy weights, one repetition, JSON out.
+fn dummy_bench(extra: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_r1serve"))
+        .args([
+            "-t",
+            "1",
+            "bench",
+            "--config",
+            &fixture("llama-f32"),
+            "--load-format",
+            "dummy",
+        ])
+        .args(["--repetitions", "1", "--json"])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
 /// `-p 0` / `-n 0` skip that test, as llama-bench's do: its keys are `null`, the other test runs;
 /// both 0 (nothing to measure) and `--batch` without decode are refused by name.
 #[test]
 fn zero_tokens_skip_a_test() {
-    let run = |extra: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_r1serve"))
-            .args([
-                "-t",
-                "1",
-                "bench",
-                "--config",
-                &fixture("llama-f32"),
-                "--load-format",
-                "dummy",
-            ])
-            .args(["--repetitions", "1", "--json"])
-            .args(extra)
-            .output()
-            .unwrap()
-    };
+    let run = dummy_bench;
     let report = |extra: &[&str]| -> Value {
         let output = run(extra);
         assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
@@ -123,33 +126,7 @@ fn zero_tokens_skip_a_test() {
 /// refused by name.
 #[test]
 fn depth_fills_the_context_first() {
-    let run = |depth: &str| {
-        Command::new(env!("CARGO_BIN_EXE_r1serve"))
-            .args([
-                "-t",
-                "1",
-                "bench",
-                "--config",
-                &fixture("llama-f32"),
-                "--load-format",
-                "dummy",
-            ])
-            .args([
-                "-p",
-                "4",
-                "-n",
-                "3",
-                "--repetitions",
-                "1",
-                "--batch",
-                "2",
-                "--json",
-                "-d",
-                depth,
-            ])
-            .output()
-            .unwrap()
-    };
+    let run = |depth: &str| dummy_bench(&["-p", "4", "-n", "3", "--batch", "2", "-d", depth]);
     let report = |depth: &str| -> Value {
         let output = run(depth);
         assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));

@@ -1,11 +1,13 @@
 //! Causal attention over the paged KV cache with an online softmax.
 //!
-//! A task is one token and the query heads that share one KV head (up to 16 of them and 8 KiB of
-//! accumulators, fewer when there are too few tasks for the pool), so each key and value read
-//! from the cache serves them all. Positions go in chunks: a chunk's scores are computed,
-//! exponentiated and summed together (loops the compiler vectorizes), and the running maximum
-//! rescales the accumulators once per chunk rather than once per new maximum. One pool job
-//! covers every sequence of the batch.
+//! A task is one token and up to 16 query heads (8 KiB of accumulators): several whole GQA
+//! groups where they fit, so each cache entry is read in one stretch, else one KV head's group or
+//! part of it; each key and value read serves all the task's heads of its KV head. A few tokens
+//! over a long context also split their positions into ranges, one task each, merged at the end
+//! (flash decoding). Positions go in chunks: a chunk's scores are computed, exponentiated and
+//! summed together, and the running maximum rescales the accumulators once per chunk rather than
+//! once per new maximum. One pool job covers every sequence of the batch; the cache's entries
+//! are f32 or f16 (`KvValue`), widened as they are loaded.
 
 use std::cell::RefCell;
 
@@ -91,6 +93,9 @@ fn attention_over<E: KvValue>(
     let (n_heads, kd, vd) = (layout.n_heads, layout.key_dim, layout.value_dim);
     let group = (n_heads / layout.n_kv_heads.max(1)).max(1);
     let n_tokens: usize = spans.iter().map(|span| span.len).sum();
+    if n_tokens == 0 || n_heads == 0 {
+        return;
+    }
     // At most `MAX_HEADS` heads per task (the scratch lives on the stack) and `ACC_FLOATS` of
     // accumulators (a latent-attention head's are 512 wide: they must stay in L1 while the
     // values stream past). Where whole KV heads' groups fit, a task takes several: it then reads
@@ -147,7 +152,7 @@ fn attention_over<E: KvValue>(
             scale,
         }
     };
-    let groups = n_tokens * tasks_per_token;
+    let head_tasks = n_tokens * tasks_per_token;
     if splits == 1 {
         pool::for_each_chunk_mut(out, heads * vd, |index, acc| {
             let stats = task(index, (0, 1)).run(isa, acc);
@@ -157,24 +162,24 @@ fn attention_over<E: KvValue>(
         });
         return;
     }
-    // Each group's positions in `splits` ranges, one task each (flash decoding): a few long
+    // Each head task's positions in `splits` ranges, one task each (flash decoding): a few long
     // contexts still keep every core busy, each core streaming its own stretch of the cache.
     // The ranges' partial sums are then merged under their common maximum.
     let part = heads * vd + 2 * heads;
     PARTIALS.with_borrow_mut(|partials| {
-        partials.resize(groups * splits * part, 0.0);
+        partials.resize(head_tasks * splits * part, 0.0);
         pool::for_each_chunk_mut(partials, part, |index, partial| {
             let (acc, stats) = partial.split_at_mut(heads * vd);
             // Range-major: the tasks taken at the same time read the same positions' entries,
             // every KV head of them between the cores, instead of each core one head's slice
             // of entries spread over the whole cache.
-            let found = task(index % groups, (index / groups, splits)).run(isa, acc);
+            let found = task(index % head_tasks, (index / head_tasks, splits)).run(isa, acc);
             for (h, (max, denom)) in found.into_iter().take(heads).enumerate() {
                 (stats[h], stats[heads + h]) = (max, denom);
             }
         });
         for (index, out) in out.chunks_exact_mut(heads * vd).enumerate() {
-            let ranges = partials.chunks_exact(part).skip(index).step_by(groups);
+            let ranges = partials.chunks_exact(part).skip(index).step_by(head_tasks);
             merge_ranges(ranges, heads, vd, out);
         }
     });
@@ -189,7 +194,8 @@ thread_local! {
     static PARTIALS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Range `which.0` of `which.1` equal parts of positions `0..len`, in whole chunks.
+/// Range `index` of `parts` equal parts of positions `0..len`, in whole chunks (empty where
+/// there are fewer chunks than parts).
 fn split_range(len: usize, (index, parts): (usize, usize)) -> std::ops::Range<usize> {
     let chunks = len.div_ceil(CHUNK);
     let bound = |i: usize| (chunks * i / parts * CHUNK).min(len);
@@ -491,274 +497,4 @@ fn dot<E: KvValue>(a: &[f32], b: &[E]) -> f32 {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::cpu::dot::isa;
-    use crate::kv_cache::KvCacheDtype;
-    use rand::{Rng, SeedableRng};
-
-    /// f64 reference: softmax(q·k * scale) · v over positions 0..=pos, from dense K/V arrays.
-    #[allow(clippy::too_many_arguments)]
-    fn reference(q: &[f32], k: &[Vec<f64>], v: &[Vec<f64>], pos: usize, scale: f64) -> Vec<f64> {
-        let scores: Vec<f64> = (0..=pos)
-            .map(|p| q.iter().zip(&k[p]).map(|(a, b)| *a as f64 * b).sum::<f64>() * scale)
-            .collect();
-        let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
-        let total: f64 = weights.iter().sum();
-        let mut out = vec![0.0; v[0].len()];
-        for (p, w) in weights.iter().enumerate() {
-            for (o, x) in out.iter_mut().zip(&v[p]) {
-                *o += w / total * x;
-            }
-        }
-        out
-    }
-
-    #[test]
-    fn grouped_query_attention_over_paged_blocks() {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-        let (n_heads, n_kv, hd, bs) = (4, 2, 5, 3);
-        let layout = AttentionLayout::multi_head(n_heads, n_kv, hd);
-        let width = layout.entry_width();
-        let mut cache = PagedKvCache::new(bs, 6, &[width]);
-        // A sequence of 7 tokens in non-contiguous blocks; the last 2 are the queries.
-        let table = [4u32, 1, 5];
-        let entries: Vec<Vec<f32>> = (0..7)
-            .map(|_| (0..width).map(|_| rng.random_range(-1.0..1.0)).collect())
-            .collect();
-        for (pos, e) in entries.iter().enumerate() {
-            let slot = cache.slot(&table, pos);
-            cache.write_entry(0, slot, e);
-        }
-        let span = SeqSpan {
-            start_pos: 5,
-            len: 2,
-            block_table: &table,
-        };
-        let q: Vec<f32> = (0..2 * n_heads * hd).map(|_| rng.random_range(-1.0..1.0)).collect();
-        let mut out = vec![0.0; 2 * n_heads * hd];
-        attention(isa(), &q, &[span], &cache, 0, &layout, 0.4, &mut out);
-        for t in 0..2 {
-            for h in 0..n_heads {
-                let kvh = h / 2;
-                let k: Vec<Vec<f64>> = entries
-                    .iter()
-                    .map(|e| e[kvh * hd..(kvh + 1) * hd].iter().map(|&x| x as f64).collect())
-                    .collect();
-                let v: Vec<Vec<f64>> = entries
-                    .iter()
-                    .map(|e| {
-                        e[n_kv * hd + kvh * hd..n_kv * hd + (kvh + 1) * hd]
-                            .iter()
-                            .map(|&x| x as f64)
-                            .collect()
-                    })
-                    .collect();
-                let qh = &q[(t * n_heads + h) * hd..(t * n_heads + h + 1) * hd];
-                let expected = reference(qh, &k, &v, 5 + t, 0.4);
-                let got = &out[(t * n_heads + h) * hd..(t * n_heads + h + 1) * hd];
-                for (a, b) in got.iter().zip(&expected) {
-                    assert!((*a as f64 - b).abs() < 1e-5, "{a} vs {b}");
-                }
-            }
-        }
-    }
-
-    /// Several sequences in one call (a decode batch beside a prompt chunk), each longer than a
-    /// chunk of positions, with scores large enough that later chunks raise the maximum: every
-    /// instruction set against the f64 reference, for head groups that stay whole and that split
-    /// (36 heads over 2 KV heads: groups of 18, tasks of 9).
-    #[test]
-    fn batch_of_sequences_over_several_chunks_on_every_isa() {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
-        let (bs, n_kv, hd) = (16, 2, 20);
-        let cases = [2, 8, 12, 36]
-            .into_iter()
-            .flat_map(|h| [(h, KvCacheDtype::F32), (h, KvCacheDtype::F16)]);
-        for (n_heads, dtype) in cases {
-            let layout = AttentionLayout::multi_head(n_heads, n_kv, hd);
-            let width = layout.entry_width();
-            let mut cache = PagedKvCache::with_dtype(bs, 24, &[width], dtype);
-            // Lengths 1, 70 (3 chunks) and 100, in scattered blocks; values grow with the
-            // position so the running maximum moves.
-            let lengths = [1usize, 70, 100];
-            let tables: [Vec<u32>; 3] = [vec![23], vec![3, 9, 1, 17, 5], vec![0, 2, 4, 6, 8, 10, 12]];
-            let mut entries = Vec::new();
-            for (len, table) in lengths.iter().zip(&tables) {
-                let seq: Vec<Vec<f32>> = (0..*len)
-                    .map(|pos| {
-                        let grow = 1.0 + pos as f32 / 20.0;
-                        (0..width).map(|_| rng.random_range(-grow..grow)).collect()
-                    })
-                    .collect();
-                // The reference sees what the cache holds (rounded to F16 in an F16 cache).
-                let stored: Vec<Vec<f32>> = seq
-                    .iter()
-                    .enumerate()
-                    .map(|(pos, e)| {
-                        let slot = cache.slot(table, pos);
-                        cache.write_entry(0, slot, e);
-                        cache.read_entry(0, slot)
-                    })
-                    .collect();
-                entries.push(stored);
-            }
-            // Queries: the last token of the first two sequences, the last 3 of the third.
-            let spans = [
-                SeqSpan {
-                    start_pos: 0,
-                    len: 1,
-                    block_table: &tables[0],
-                },
-                SeqSpan {
-                    start_pos: 69,
-                    len: 1,
-                    block_table: &tables[1],
-                },
-                SeqSpan {
-                    start_pos: 97,
-                    len: 3,
-                    block_table: &tables[2],
-                },
-            ];
-            let queries: Vec<(usize, usize)> = vec![(0, 0), (1, 69), (2, 97), (2, 98), (2, 99)];
-            let q: Vec<f32> = (0..queries.len() * n_heads * hd)
-                .map(|_| rng.random_range(-1.0..1.0))
-                .collect();
-            for isa in Isa::available() {
-                let mut out = vec![f32::NAN; queries.len() * n_heads * hd];
-                attention(isa, &q, &spans, &cache, 0, &layout, 0.3, &mut out);
-                for (token, &(seq, pos)) in queries.iter().enumerate() {
-                    for h in 0..n_heads {
-                        let kvh = h / (n_heads / n_kv);
-                        let part = |e: &Vec<f32>, at: usize| e[at..at + hd].iter().map(|&x| x as f64).collect();
-                        let k: Vec<Vec<f64>> = entries[seq].iter().map(|e| part(e, kvh * hd)).collect();
-                        let v: Vec<Vec<f64>> = entries[seq].iter().map(|e| part(e, (n_kv + kvh) * hd)).collect();
-                        let at = (token * n_heads + h) * hd;
-                        let expected = reference(&q[at..at + hd], &k, &v, pos, 0.3);
-                        for (a, b) in out[at..at + hd].iter().zip(&expected) {
-                            assert!(
-                                (*a as f64 - b).abs() < 1e-4 * (1.0 + b.abs()),
-                                "{isa:?} {dtype:?} heads {n_heads}: {a} vs {b}"
-                            );
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// Contexts long enough to be split over tasks (flash decoding): one long sequence alone (4
-    /// ranges) and beside a one-position sequence (2 ranges each; the short one's first range is
-    /// empty), every instruction set against the f64 reference, the running maximum rising late.
-    #[test]
-    fn long_contexts_split_over_tasks_on_every_isa() {
-        for dtype in [KvCacheDtype::F32, KvCacheDtype::F16] {
-            long_contexts_split_over_tasks(dtype);
-        }
-    }
-
-    fn long_contexts_split_over_tasks(dtype: KvCacheDtype) {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(17);
-        let (bs, n_heads, n_kv, hd, long) = (16, 12, 2, 20, 700usize);
-        let layout = AttentionLayout::multi_head(n_heads, n_kv, hd);
-        let width = layout.entry_width();
-        let blocks = long.div_ceil(bs);
-        let mut cache = PagedKvCache::with_dtype(bs, blocks + 1, &[width], dtype);
-        let long_table: Vec<u32> = (0..blocks as u32).rev().collect();
-        let short_table = [blocks as u32];
-        let entries: Vec<Vec<f32>> = (0..long)
-            .map(|pos| {
-                let grow = if pos > 600 { 3.0 } else { 1.0 };
-                (0..width).map(|_| rng.random_range(-grow..grow)).collect()
-            })
-            .collect();
-        // The reference sees what the cache holds (rounded to F16 in an F16 cache).
-        let entries: Vec<Vec<f32>> = entries
-            .iter()
-            .enumerate()
-            .map(|(pos, e)| {
-                let slot = cache.slot(&long_table, pos);
-                cache.write_entry(0, slot, e);
-                cache.read_entry(0, slot)
-            })
-            .collect();
-        let short_entry: Vec<f32> = (0..width).map(|_| rng.random_range(-1.0..1.0)).collect();
-        let short_slot = cache.slot(&short_table, 0);
-        cache.write_entry(0, short_slot, &short_entry);
-        let short_entry = cache.read_entry(0, short_slot);
-        let long_span = SeqSpan {
-            start_pos: long - 1,
-            len: 1,
-            block_table: &long_table,
-        };
-        let short_span = SeqSpan {
-            start_pos: 0,
-            len: 1,
-            block_table: &short_table,
-        };
-        let q: Vec<f32> = (0..2 * n_heads * hd).map(|_| rng.random_range(-1.0..1.0)).collect();
-        for spans in [vec![long_span], vec![long_span, short_span]] {
-            for isa in Isa::available() {
-                let mut out = vec![f32::NAN; spans.len() * n_heads * hd];
-                attention(isa, &q[..out.len()], &spans, &cache, 0, &layout, 0.3, &mut out);
-                for (token, seq) in [&entries, &vec![short_entry.clone()]]
-                    .into_iter()
-                    .take(spans.len())
-                    .enumerate()
-                {
-                    for h in 0..n_heads {
-                        let kvh = h / (n_heads / n_kv);
-                        let part = |e: &Vec<f32>, at: usize| e[at..at + hd].iter().map(|&x| x as f64).collect();
-                        let k: Vec<Vec<f64>> = seq.iter().map(|e| part(e, kvh * hd)).collect();
-                        let v: Vec<Vec<f64>> = seq.iter().map(|e| part(e, (n_kv + kvh) * hd)).collect();
-                        let at = (token * n_heads + h) * hd;
-                        let expected = reference(&q[at..at + hd], &k, &v, seq.len() - 1, 0.3);
-                        for (a, b) in out[at..at + hd].iter().zip(&expected) {
-                            assert!(
-                                (*a as f64 - b).abs() < 1e-4 * (1.0 + b.abs()),
-                                "{isa:?} {dtype:?} {} sequences, token {token}: {a} vs {b}",
-                                spans.len()
-                            );
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn latent_layout_uses_the_whole_entry_as_key() {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
-        let (n_heads, latent, rope) = (3, 6, 2);
-        let layout = AttentionLayout::latent(n_heads, latent, rope);
-        assert_eq!(layout.entry_width(), latent + rope);
-        let mut cache = PagedKvCache::new(4, 1, &[layout.entry_width()]);
-        let entries: Vec<Vec<f32>> = (0..3)
-            .map(|_| (0..8).map(|_| rng.random_range(-1.0..1.0)).collect())
-            .collect();
-        for (pos, e) in entries.iter().enumerate() {
-            cache.write_entry(0, pos, e);
-        }
-        let q: Vec<f32> = (0..n_heads * 8).map(|_| rng.random_range(-1.0..1.0)).collect();
-        let mut out = vec![0.0; n_heads * latent];
-        let span = SeqSpan {
-            start_pos: 2,
-            len: 1,
-            block_table: &[0],
-        };
-        attention(isa(), &q, &[span], &cache, 0, &layout, 0.7, &mut out);
-        let k: Vec<Vec<f64>> = entries.iter().map(|e| e.iter().map(|&x| x as f64).collect()).collect();
-        let v: Vec<Vec<f64>> = entries
-            .iter()
-            .map(|e| e[..latent].iter().map(|&x| x as f64).collect())
-            .collect();
-        for h in 0..n_heads {
-            let expected = reference(&q[h * 8..(h + 1) * 8], &k, &v, 2, 0.7);
-            for (a, b) in out[h * latent..(h + 1) * latent].iter().zip(&expected) {
-                assert!((*a as f64 - b).abs() < 1e-5);
-            }
-        }
-    }
-}
+mod tests;
