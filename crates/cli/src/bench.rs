@@ -130,8 +130,8 @@ fn prompt_ids(n: usize, vocab: usize) -> Vec<u32> {
 struct FilledContext {
     cache: PagedKvCache,
     depth: usize,
-    shared: Vec<u32>,
-    own: Vec<Vec<u32>>,
+    /// Each sequence's block table.
+    tables: Vec<Vec<u32>>,
 }
 
 impl FilledContext {
@@ -148,9 +148,11 @@ impl FilledContext {
                 crate::kv_cache_dtype(model),
             ),
             depth,
-            shared: (0..full as u32).collect(),
-            own: (0..streams)
-                .map(|s| (0..own_blocks).map(|b| (full + s * own_blocks + b) as u32).collect())
+            tables: (0..streams)
+                .map(|s| {
+                    let own = (0..own_blocks).map(|b| full + s * own_blocks + b);
+                    (0..full).chain(own).map(|b| b as u32).collect()
+                })
                 .collect(),
         };
         let ids = prompt_ids(depth, model.info().vocab_size);
@@ -167,10 +169,6 @@ impl FilledContext {
         Ok(context)
     }
 
-    fn table(&self, stream: usize) -> Vec<u32> {
-        [&self.shared[..], &self.own[stream][..]].concat()
-    }
-
     fn forward(
         &mut self,
         model: &dyn CausalLm,
@@ -179,11 +177,10 @@ impl FilledContext {
         start_pos: usize,
         logits: LogitsWanted,
     ) -> anyhow::Result<()> {
-        let table = self.table(stream);
         let seq = SeqInput {
             tokens,
             start_pos,
-            block_table: &table,
+            block_table: &self.tables[stream],
             logits,
         };
         model.forward(&Batch::single(seq), &mut self.cache, &mut Vec::new())?;
@@ -202,7 +199,7 @@ fn time_prefill(model: &dyn CausalLm, context: &mut FilledContext, n: usize) -> 
 /// Decodes `n` tokens after the context in each of `streams` sequences, one token per sequence
 /// per step, all in one batch; returns the aggregate tokens/s.
 fn time_decode(model: &dyn CausalLm, context: &mut FilledContext, n: usize, streams: usize) -> anyhow::Result<f64> {
-    let tables: Vec<Vec<u32>> = (0..streams).map(|s| context.table(s)).collect();
+    let tables = &context.tables[..streams];
     let tokens = prompt_ids(n + streams, model.info().vocab_size);
     let mut logits = Vec::new();
     let start = Instant::now();

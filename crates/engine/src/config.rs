@@ -53,7 +53,6 @@ pub struct Limits {
     pub max_model_len: usize,
     pub block_size: usize,
     pub num_blocks: usize,
-    pub kv_cache_dtype: KvCacheDtype,
     pub vocab_size: usize,
 }
 
@@ -99,7 +98,6 @@ impl Limits {
             max_model_len,
             block_size: config.block_size,
             num_blocks,
-            kv_cache_dtype: config.kv_cache_dtype,
             vocab_size: info.vocab_size,
         })
     }

@@ -66,7 +66,7 @@ impl EngineCore {
             BlockManager::new(limits.block_size, limits.num_blocks, config.enable_prefix_caching),
         );
         let eos_token_ids = model.info().eos_token_ids.clone();
-        let runner = ModelRunner::new(model, limits.block_size, limits.num_blocks, limits.kv_cache_dtype);
+        let runner = ModelRunner::new(model, limits.block_size, limits.num_blocks, config.kv_cache_dtype);
         let stats = EngineStats::new(limits.num_blocks, limits.block_size);
         Ok(Self {
             limits,

@@ -160,25 +160,27 @@ impl PagedKvCache {
     /// dtype.
     #[inline]
     pub fn write_entry(&mut self, layer: usize, slot: usize, values: &[f32]) {
-        let w = self.widths[layer];
-        let range = slot * w..(slot + 1) * w;
+        let range = self.entry_range(layer, slot);
+        assert_eq!(values.len(), range.len(), "a KV entry is {} values", range.len());
         match &mut self.layers {
             Storage::F32(layers) => layers[layer][range].copy_from_slice(values),
-            Storage::F16(layers) => {
-                assert_eq!(values.len(), w, "a KV entry is {w} values");
-                layers[layer][range].convert_from_f32_slice(values);
-            }
+            Storage::F16(layers) => layers[layer][range].convert_from_f32_slice(values),
         }
     }
 
     /// The entry in `slot` as f32 (for checks; attention reads [`Self::layer`]).
     pub fn read_entry(&self, layer: usize, slot: usize) -> Vec<f32> {
-        let w = self.widths[layer];
-        let range = slot * w..(slot + 1) * w;
+        let range = self.entry_range(layer, slot);
         match self.layer(layer) {
             KvLayer::F32(values) => values[range].to_vec(),
             KvLayer::F16(values) => values[range].iter().map(|v| v.to_f32()).collect(),
         }
+    }
+
+    /// Where `slot`'s entry lies in layer `layer`'s values.
+    fn entry_range(&self, layer: usize, slot: usize) -> std::ops::Range<usize> {
+        let w = self.widths[layer];
+        slot * w..(slot + 1) * w
     }
 
     /// Copies one whole block to another in every layer (for

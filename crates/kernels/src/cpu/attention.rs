@@ -44,24 +44,9 @@ pub fn attention(
     scale: f32,
     out: &mut [f32],
 ) {
-    let (width, block_size) = (cache.width(layer), cache.block_size());
     match cache.layer(layer) {
-        KvLayer::F32(values) => {
-            let cache = Entries {
-                values,
-                width,
-                block_size,
-            };
-            attention_over(isa, q, spans, cache, layout, scale, out)
-        }
-        KvLayer::F16(values) => {
-            let cache = Entries {
-                values,
-                width,
-                block_size,
-            };
-            attention_over(isa, q, spans, cache, layout, scale, out)
-        }
+        KvLayer::F32(values) => attention_over(isa, q, spans, Entries::new(cache, layer, values), layout, scale, out),
+        KvLayer::F16(values) => attention_over(isa, q, spans, Entries::new(cache, layer, values), layout, scale, out),
     }
 }
 
@@ -74,6 +59,15 @@ struct Entries<'a, E> {
 }
 
 impl<'a, E> Entries<'a, E> {
+    /// `values`, the stored entries of `cache`'s layer `layer`.
+    fn new(cache: &PagedKvCache, layer: usize, values: &'a [E]) -> Self {
+        Entries {
+            values,
+            width: cache.width(layer),
+            block_size: cache.block_size(),
+        }
+    }
+
     #[inline(always)]
     fn entry(&self, slot: usize) -> &'a [E] {
         &self.values[slot * self.width..(slot + 1) * self.width]
@@ -134,18 +128,13 @@ fn attention_over<E: KvValue>(
     let task = |index: usize, from: (usize, usize)| {
         let (token, first_head) = (index / tasks_per_token, index % tasks_per_token * heads);
         let (span, last) = token_position(spans, token);
-        let kv_head = first_head / group;
         let at = (token * n_heads + first_head) * kd;
         Task {
             queries: &q[at..at + heads * kd],
             heads,
             group_heads,
-            key_dim: kd,
-            value_dim: vd,
-            key_at: kv_head * layout.key_stride,
-            value_at: layout.value_offset + kv_head * layout.value_stride,
-            key_stride: layout.key_stride,
-            value_stride: layout.value_stride,
+            layout,
+            first_kv_head: first_head / group,
             cache,
             block_table: span.block_table,
             positions: split_range(last + 1, from),
@@ -244,14 +233,8 @@ struct Task<'a, E> {
     queries: &'a [f32],
     heads: usize,
     group_heads: usize,
-    key_dim: usize,
-    value_dim: usize,
-    /// Where the first KV head's key and value start in a cache entry, and the distance to the
-    /// next KV head's.
-    key_at: usize,
-    value_at: usize,
-    key_stride: usize,
-    value_stride: usize,
+    layout: &'a AttentionLayout,
+    first_kv_head: usize,
     cache: Entries<'a, E>,
     block_table: &'a [u32],
     /// The positions this task covers of those the token attends to (all of them, or one
@@ -293,7 +276,7 @@ impl<E: KvValue> Task<'_, E> {
     /// `K` scores and accumulates each chunk.
     #[inline(always)]
     fn run_with<K: ChunkKernel>(&self, acc: &mut [f32]) -> [(f32, f32); MAX_HEADS] {
-        let (heads, kd, vd) = (self.heads, self.key_dim, self.value_dim);
+        let (heads, kd, vd) = (self.heads, self.layout.key_dim, self.layout.value_dim);
         let (gh, kv_heads) = (self.group_heads, self.heads / self.group_heads);
         let mut scores = [0.0f32; MAX_HEADS * CHUNK];
         let (mut max, mut denom) = ([f32::NEG_INFINITY; MAX_HEADS], [0.0f32; MAX_HEADS]);
@@ -363,9 +346,10 @@ impl<E: KvValue> Task<'_, E> {
     /// Where the task's `kv`-th KV head's key and value start in an entry.
     #[inline(always)]
     fn offsets(&self, kv: usize) -> (usize, usize) {
+        let (layout, head) = (self.layout, self.first_kv_head + kv);
         (
-            self.key_at + kv * self.key_stride,
-            self.value_at + kv * self.value_stride,
+            head * layout.key_stride,
+            layout.value_offset + head * layout.value_stride,
         )
     }
 

@@ -276,7 +276,7 @@ mod x86 {
     /// `KquantPanel::vnni_one_token`'s contract.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     pub(super) unsafe fn gemv_group(tile: &Tile<'_>) {
-        let (k, blocks) = (tile.tokens.k, tile.tokens.blocks);
+        let blocks = tile.tokens.blocks;
         let supers = blocks / 8;
         let (panel, g, t0) = (tile.panel, tile.at.group, tile.at.first_token);
         // SAFETY: the group, the token and its arrays lie in the panel and the prepared tokens
@@ -290,11 +290,8 @@ mod x86 {
                 panel.d.as_ptr().add(g * supers * 16),
                 panel.dmin.as_ptr().add(g * supers * 16),
             );
-            let qx = tile.tokens.qx.as_ptr().add(t0 * k);
-            let (dx, block_sums) = (
-                tile.tokens.d.as_ptr().add(t0 * supers),
-                tile.tokens.block_sums.as_ptr().add(t0 * blocks),
-            );
+            let (qx, dx) = tile.first_token();
+            let block_sums = tile.tokens.block_sums.as_ptr().add(t0 * blocks);
             let (low, high_nibbles) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(0xf0u8 as i8));
             let mut acc = _mm512_setzero_ps();
             for s in 0..supers {
@@ -326,8 +323,7 @@ mod x86 {
                     acc,
                 );
             }
-            let out = tile.out.ptr().add(tile.out_index(t0, 0));
-            _mm512_mask_storeu_ps(out, ((1u32 << tile.at.count) - 1) as u16, acc);
+            tile.store(&[[acc]]);
         }
     }
 
@@ -403,11 +399,8 @@ mod x86 {
             p.dmin.as_ptr().wrapping_add(g * supers * 16),
         );
         let t0 = tile.at.first_token;
-        let qx = tile.tokens.qx.as_ptr().wrapping_add(t0 * k);
-        let (dx, block_sums) = (
-            tile.tokens.d.as_ptr().wrapping_add(t0 * supers),
-            tile.tokens.block_sums.as_ptr().wrapping_add(t0 * blocks),
-        );
+        let (qx, dx) = tile.first_token();
+        let block_sums = tile.tokens.block_sums.as_ptr().wrapping_add(t0 * blocks);
         let low = _mm512_set1_epi8(0x0f);
         let mut acc = [[_mm512_setzero_ps(); 1]; T];
         for s in 0..supers {
@@ -459,8 +452,8 @@ mod x86 {
                 }
             }
         }
-        // SAFETY: AVX-512F is enabled here; the caller owns outputs `out_at + t·stride + r`.
-        unsafe { crate::cpu::pack::store_tile(tile.out.ptr(), tile.out_index(t0, 0), tile.rows, tile.at.count, &acc) };
+        // SAFETY: AVX-512F is enabled here; the caller owns the tile's outputs.
+        unsafe { tile.store(&acc) };
     }
 }
 

@@ -256,7 +256,7 @@ mod x86 {
     /// `KquantPanel::vnni_one_token`'s contract.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     pub(super) unsafe fn gemv_group(tile: &Tile<'_>) {
-        let (k, blocks) = (tile.tokens.k, tile.tokens.blocks);
+        let blocks = tile.tokens.blocks;
         let supers = blocks / 8;
         let (panel, g, t0) = (tile.panel, tile.at.group, tile.at.first_token);
         // SAFETY: the group, the token and its arrays lie in the panel and the prepared tokens
@@ -266,11 +266,8 @@ mod x86 {
             let q = (panel.q.as_ptr() as *const u8).add(g * blocks * BLOCK_VECTORS * 64);
             let scales = panel.scales.as_ptr().add(g * blocks * 2 * 16);
             let d = panel.d.as_ptr().add(g * supers * 16);
-            let qx = tile.tokens.qx.as_ptr().add(t0 * k);
-            let (dx, offsets) = (
-                tile.tokens.d.as_ptr().add(t0 * supers),
-                tile.tokens.offsets.as_ptr().add(t0 * 2 * blocks),
-            );
+            let (qx, dx) = tile.first_token();
+            let offsets = tile.tokens.offsets.as_ptr().add(t0 * 2 * blocks);
             let mut acc = _mm512_setzero_ps();
             for s in 0..supers {
                 let mut sum = _mm512_setzero_si512();
@@ -300,8 +297,7 @@ mod x86 {
                     acc,
                 );
             }
-            let out = tile.out.ptr().add(tile.out_index(t0, 0));
-            _mm512_mask_storeu_ps(out, ((1u32 << tile.at.count) - 1) as u16, acc);
+            tile.store(&[[acc]]);
         }
     }
 
@@ -315,11 +311,8 @@ mod x86 {
         let scales = p.scales.as_ptr().wrapping_add(g * blocks * 2 * 16);
         let d = p.d.as_ptr().wrapping_add(g * supers * 16);
         let t0 = tile.at.first_token;
-        let qx = tile.tokens.qx.as_ptr().wrapping_add(t0 * k);
-        let (dx, offsets) = (
-            tile.tokens.d.as_ptr().wrapping_add(t0 * supers),
-            tile.tokens.offsets.as_ptr().wrapping_add(t0 * 2 * blocks),
-        );
+        let (qx, dx) = tile.first_token();
+        let offsets = tile.tokens.offsets.as_ptr().wrapping_add(t0 * 2 * blocks);
         let mut acc = [[_mm512_setzero_ps(); 1]; T];
         for s in 0..supers {
             // SAFETY (whole super-block): `g < 2`, `s < supers` and `b < blocks`, so the group's
@@ -362,8 +355,8 @@ mod x86 {
                 }
             }
         }
-        // SAFETY: AVX-512F is enabled here; the caller owns outputs `out_at + t·stride + r`.
-        unsafe { crate::cpu::pack::store_tile(tile.out.ptr(), tile.out_index(t0, 0), tile.rows, tile.at.count, &acc) };
+        // SAFETY: AVX-512F is enabled here; the caller owns the tile's outputs.
+        unsafe { tile.store(&acc) };
     }
 }
 

@@ -126,6 +126,29 @@ impl<P> KquantTile<'_, P> {
     pub(crate) fn out_index(&self, t: usize, i: usize) -> usize {
         t * self.rows + self.at.first_row + i
     }
+
+    /// Where the tile's first token's `Q8_K` values and per-super-block scales start (what every
+    /// k-quant kernel reads of the tokens; each format's own token arrays follow its layout).
+    /// Pointers only: reading through them is the kernel's, within [`Self::in_bounds`].
+    pub(crate) fn first_token(&self) -> (*const i8, *const f32) {
+        let (t0, tokens) = (self.at.first_token, self.tokens);
+        (
+            tokens.qx.as_ptr().wrapping_add(t0 * tokens.k),
+            tokens.d.as_ptr().wrapping_add(t0 * (tokens.blocks / 8)),
+        )
+    }
+
+    /// Stores the tile's results: `acc[t][0]` holds token `first_token + t`'s rows `..count`.
+    ///
+    /// # Safety
+    /// AVX-512F must be available and the tile's outputs the caller's (a kernel's contract).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn store<const T: usize>(&self, acc: &[[std::arch::x86_64::__m512; 1]; T]) {
+        let out_at = self.out_index(self.at.first_token, 0);
+        // SAFETY: as the caller guarantees.
+        unsafe { store_tile(self.out.ptr(), out_at, self.rows, self.at.count, acc) }
+    }
 }
 
 /// Calls `$kernel::<T>($tile)` for the tile's token count `T` (2 to 8; one token takes
