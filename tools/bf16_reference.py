@@ -8,7 +8,7 @@ unquantised tensors are BF16), runs transformers with dtype=torch.bfloat16 on th
 (FP8 ones dequantised, as tools/make_fixtures.py does for its reference) over each golden case,
 and writes tests/fixtures/<name>/bf16_reference.json with the largest |Δlogprob| against the f32
 golden log-probs (over the whole vocabulary, and on the greedy tokens). crates/model/tests/golden.rs holds r1serve's default matmul precision (BF16
-activations for BF16 weights) to that bound: rounding the matmul inputs must cost no more than
+activations for BF16 and FP8 weights) to that bound: rounding the matmul inputs must cost no more than
 running the reference itself in bf16.
 """
 

@@ -29,9 +29,9 @@ struct Cli {
     /// with the page cache; huge pages where the kernel allows, for faster `Q4_K`/`Q6_K` decode).
     #[arg(long = "no-mmap", global = true)]
     no_mmap: bool,
-    /// Precision of the products with BF16 weights: `auto` (or `bfloat16`) rounds the activations
-    /// to BF16 as llama.cpp and PyTorch's bf16 inference do (BF16 instructions, about twice the
-    /// prefill speed); `float32` keeps them f32, so every product is exact.
+    /// Precision of the products with BF16 and FP8 weights: `auto` (or `bfloat16`) rounds the
+    /// activations to BF16 as llama.cpp and PyTorch's bf16 inference do (BF16 instructions, about
+    /// twice the speed); `float32` keeps them f32, so every product is exact.
     #[arg(long, global = true, value_enum, default_value_t = Dtype::Auto)]
     dtype: Dtype,
     /// How the KV cache stores keys and values: `auto` is `float16` (llama.cpp's default: half

@@ -173,18 +173,13 @@ fn matvec(c: &mut Criterion) {
     group.finish();
 }
 
-/// Random weights of `format` in `[-1, 1)`, quantised through the crate's own quantiser (FP8:
-/// random non-NaN bytes with random block scales).
+/// Random weights of `format` in `[-1, 1)`, quantised through the crate's own quantisers (FP8:
+/// blocks scaled to their largest value, as DeepSeek-V3's are).
 fn gemm_weights(format: WeightFormat, rows: usize, cols: usize, rng: &mut rand_chacha::ChaCha8Rng) -> WeightMatrix {
-    if let WeightFormat::F8E4M3Block { block_rows, block_cols } = format {
-        let bytes = (0..rows * cols).map(|_| rng.random::<u8>() & 0xf7).collect();
-        let scales = (0..rows.div_ceil(block_rows) * cols.div_ceil(block_cols))
-            .map(|_| rng.random_range(1e-3..1e-2))
-            .collect();
-        return WeightMatrix::new_fp8_block(rows, cols, block_rows, block_cols, ByteView::from_vec(bytes), scales)
-            .unwrap();
-    }
     let values: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+    if let WeightFormat::F8E4M3Block { block_rows, block_cols } = format {
+        return r1serve_kernels::quant::fp8::quantize_fp8_blocks(rows, cols, block_rows, block_cols, &values).unwrap();
+    }
     let bytes = match format {
         WeightFormat::Bf16 => values
             .iter()
@@ -195,10 +190,17 @@ fn gemm_weights(format: WeightFormat, rows: usize, cols: usize, rng: &mut rand_c
     WeightMatrix::new(rows, cols, format, ByteView::from_vec(bytes)).unwrap()
 }
 
-/// A second matrix with `w`'s stored rows (and none of its kept panels).
+/// A second matrix with `w`'s stored rows and scales (and none of its kept panels).
 fn same_weights(w: &WeightMatrix) -> WeightMatrix {
-    let bytes = (0..w.rows()).flat_map(|r| w.row_bytes(r).iter().copied()).collect();
-    WeightMatrix::new(w.rows(), w.cols(), w.format(), ByteView::from_vec(bytes)).unwrap()
+    let bytes = ByteView::from_vec((0..w.rows()).flat_map(|r| w.row_bytes(r).iter().copied()).collect());
+    if let WeightFormat::F8E4M3Block { block_rows, block_cols } = w.format() {
+        let scales = (0..w.rows())
+            .step_by(block_rows)
+            .flat_map(|r| w.row_block_scales(r).iter().copied())
+            .collect();
+        return WeightMatrix::new_fp8_block(w.rows(), w.cols(), block_rows, block_cols, bytes, scales).unwrap();
+    }
+    WeightMatrix::new(w.rows(), w.cols(), w.format(), bytes).unwrap()
 }
 
 /// Decode- and prefill-shaped products (`n` tokens × the R1-Distill-Qwen-1.5B projections) on one
@@ -259,9 +261,16 @@ fn gemm(c: &mut Criterion) {
                     });
                 }
                 if cpu::gemm_fp8::supports(isa, &w) {
-                    group.bench_function(name("gemm_fp8"), |b| {
-                        b.iter(|| cpu::pool::single_threaded(|| cpu::gemm_fp8::gemm_fp8(isa, &x, &w, &mut out)))
-                    });
+                    for (path, bf16) in [("gemm_fp8", true), ("gemm_fp8_f32", false)] {
+                        if bf16 && !cpu::gemm_fp8::bf16_available(isa) {
+                            continue;
+                        }
+                        group.bench_function(name(path), |b| {
+                            b.iter(|| {
+                                cpu::pool::single_threaded(|| cpu::gemm_fp8::gemm_fp8(isa, bf16, &x, &w, &mut out))
+                            })
+                        });
+                    }
                 }
                 if cpu::gemm_int8::supports(&w) && cpu::gemm_int8::available(isa) {
                     // A matrix keeps one backend copy: `Q4_K` and `Q6_K` keep their own panels
@@ -288,8 +297,17 @@ fn decode(c: &mut Criterion) {
     for (format, rows, cols) in [
         (WeightFormat::Bf16, 8960, 1536),
         (WeightFormat::Q8_0, 8960, 1536),
+        (
+            WeightFormat::F8E4M3Block {
+                block_rows: 128,
+                block_cols: 128,
+            },
+            8960,
+            1536,
+        ),
         (WeightFormat::Q4K, 8960, 1536),
         (WeightFormat::Q4K, 1536, 8960),
+        (WeightFormat::Q4K, 1536, 1536),
         (WeightFormat::Q6K, 8960, 1536),
         (WeightFormat::Q6K, 1536, 8960),
         (WeightFormat::Q6K, 151936, 1536),

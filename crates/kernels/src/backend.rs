@@ -7,13 +7,14 @@ use crate::kv_cache::PagedKvCache;
 use crate::rope::RopeTable;
 use crate::weight::WeightMatrix;
 
-/// What a matmul does with its f32 activations where the weights are BF16.
+/// What a matmul does with its f32 activations where the weights are BF16 or FP8.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum MatmulPrecision {
     /// Rounded once to BF16 (to nearest even: relative error ≤ 2⁻⁹ each), as llama.cpp and
     /// PyTorch's bf16 inference do, so the products run on BF16 instructions (`vdpbf16ps`: twice
-    /// the multiply-adds of f32 per instruction). BF16 × BF16 products are exact in f32, so every
-    /// kernel path gives the same sums up to summation order.
+    /// the multiply-adds of f32 per instruction; FP8 weights widen to BF16 exactly). BF16 × BF16
+    /// products are exact in f32, so every kernel path gives the same sums up to summation
+    /// order.
     #[default]
     Bf16,
     /// Kept f32: every product exact, as in an f32 reference on the same weights.
@@ -21,7 +22,7 @@ pub enum MatmulPrecision {
 }
 
 impl MatmulPrecision {
-    /// What the activations of BF16 products are rounded to: `bf16` or `f32`.
+    /// What the activations of BF16 and FP8 products are rounded to: `bf16` or `f32`.
     pub fn name(self) -> &'static str {
         match self {
             MatmulPrecision::Bf16 => "bf16",

@@ -24,6 +24,8 @@ pub enum WeightError {
         expected: usize,
         actual: usize,
     },
+    #[error("{rows}x{cols} FP8 block-scaled weights need their block scales (WeightMatrix::new_fp8_block)")]
+    MissingBlockScales { rows: usize, cols: usize },
     #[error("block size {block_rows}x{block_cols} must be non-zero")]
     ZeroBlock { block_rows: usize, block_cols: usize },
     #[error("{rows}x{cols} matrix size overflows")]
@@ -123,8 +125,17 @@ pub struct WeightMatrix {
 }
 
 impl WeightMatrix {
-    /// Wraps stored bytes; checks that their length matches the shape.
+    /// Wraps stored bytes; checks that their length matches the shape. FP8 block-scaled weights
+    /// come with their scales through [`WeightMatrix::new_fp8_block`].
     pub fn new(rows: usize, cols: usize, format: WeightFormat, data: ByteView) -> Result<Self, WeightError> {
+        if matches!(format, WeightFormat::F8E4M3Block { .. }) {
+            return Err(WeightError::MissingBlockScales { rows, cols });
+        }
+        Self::checked(rows, cols, format, data)
+    }
+
+    /// A matrix of `data` in `format` (scales, if any, still to be set).
+    fn checked(rows: usize, cols: usize, format: WeightFormat, data: ByteView) -> Result<Self, WeightError> {
         if !cols.is_multiple_of(format.block_size()) {
             return Err(WeightError::not_block_multiple(format, cols));
         }
@@ -166,7 +177,7 @@ impl WeightMatrix {
         scales: Vec<f32>,
     ) -> Result<Self, WeightError> {
         let format = WeightFormat::F8E4M3Block { block_rows, block_cols };
-        let mut matrix = Self::new(rows, cols, format, data)?;
+        let mut matrix = Self::checked(rows, cols, format, data)?;
         let expected = rows.div_ceil(block_rows) * cols.div_ceil(block_cols);
         if scales.len() != expected {
             return Err(WeightError::ScaleLength {
@@ -351,6 +362,18 @@ mod tests {
         }
         let err = WeightMatrix::new(usize::MAX / 8, 256, WeightFormat::Q4K, ByteView::from_vec(vec![])).unwrap_err();
         assert!(matches!(err, WeightError::Overflow { .. }));
+    }
+
+    /// FP8 block weights without scales used to be accepted and failed an assert in the kernel.
+    #[test]
+    fn fp8_blocks_need_their_scales() {
+        let format = WeightFormat::F8E4M3Block {
+            block_rows: 2,
+            block_cols: 2,
+        };
+        let err = WeightMatrix::new(5, 5, format, ByteView::from_vec(vec![0; 25])).unwrap_err();
+        assert_eq!(err, WeightError::MissingBlockScales { rows: 5, cols: 5 });
+        assert!(err.to_string().contains("block scales"), "{err}");
     }
 
     #[test]

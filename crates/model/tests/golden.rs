@@ -8,15 +8,16 @@
 //! the stored (rounded / dequantised) values, so the only difference left is f32 summation order,
 //! the same as for F32 weights.
 //!
-//! The default precision rounds the activations of products with BF16 weights to BF16 (relative
-//! error ≤ 2⁻⁹ each, as llama.cpp and PyTorch's bf16 inference do). On these tiny random models
-//! (sharp distributions, close MoE routing gaps) that moves log-probs a lot more than on a real
-//! one — up to 0.13 (qwen2-bf16) and 1.1 (dsv3-bf16, where an expert choice flips) over the whole
-//! vocabulary, 0.05 on the greedy tokens — so there the greedy tokens must not change, their
-//! log-probs and cached decode must stay within 0.1, and every deviation must stay below that of
-//! transformers itself run in bfloat16 on the same weights (`bf16_reference.json`, written by
-//! `tools/bf16_reference.py`: 0.28–4.7 over the vocabulary, 0.15–2.1 on the greedy tokens).
-//! Fixtures without BF16 tensors must give the same answers under both precisions.
+//! The default precision rounds the activations of products with BF16 and FP8 weights to BF16
+//! (relative error ≤ 2⁻⁹ each, as llama.cpp and PyTorch's bf16 inference do). On these tiny
+//! random models (sharp distributions, close MoE routing gaps) that moves log-probs a lot more
+//! than on a real one — up to 0.13 (qwen2-bf16), 1.1 (dsv3-bf16, where an expert choice flips)
+//! and 2.7 (dsv3-fp8) over the whole vocabulary, 0.05–0.18 on the greedy tokens — so there the
+//! greedy tokens must not change, their log-probs must stay within 0.25 and cached decode within
+//! 0.1 of full recompute, and every deviation must stay below that of transformers itself run in
+//! bfloat16 on the same weights (`bf16_reference.json`, written by `tools/bf16_reference.py`:
+//! 0.28–4.7 over the vocabulary, 0.15–2.1 on the greedy tokens). Fixtures without BF16 or FP8
+//! tensors must give the same answers under both precisions.
 
 use std::sync::Arc;
 
@@ -27,8 +28,9 @@ use r1serve_kernels::{CpuBackend, MatmulPrecision, PagedKvCache};
 use r1serve_model::{load_model, Batch, CausalLm, LogitsWanted, SeqInput};
 
 const TOLERANCE: f32 = 1e-3;
-/// With the activations of BF16 products rounded to BF16 (see the module doc): on the greedy
-/// tokens' log-probs and between cached decode and full recompute.
+/// With the activations of BF16 and FP8 products rounded to BF16 (see the module doc): on the
+/// greedy tokens' log-probs, and between cached decode and full recompute.
+const BF16_GREEDY_TOLERANCE: f32 = 0.25;
 const BF16_ACTIVATIONS_TOLERANCE: f32 = 0.1;
 const CACHED_VS_RECOMPUTE_TOLERANCE: f32 = 1e-4;
 const BLOCK_SIZE: usize = 4;
@@ -56,12 +58,12 @@ fn check_fixture(name: &str) {
     let dir = fixtures_dir().join(name);
     let bf16_reference = dir.join("bf16_reference.json");
     if !bf16_reference.exists() {
-        // No BF16 tensors: the default precision changes nothing.
+        // No BF16 or FP8 tensors: the default precision changes nothing.
         check_fixture_with(name, MatmulPrecision::Bf16, TOLERANCE, CACHED_VS_RECOMPUTE_TOLERANCE);
         return;
     }
     let ours = check_fixture_with(name, MatmulPrecision::Bf16, f32::INFINITY, BF16_ACTIVATIONS_TOLERANCE);
-    assert!(ours.chosen <= BF16_ACTIVATIONS_TOLERANCE, "{name}: {ours:?}");
+    assert!(ours.chosen <= BF16_GREEDY_TOLERANCE, "{name}: {ours:?}");
     let reference: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&bf16_reference).unwrap()).unwrap();
     let transformers = |key: &str| reference[key].as_f64().unwrap_or_else(|| panic!("{name}: {key}")) as f32;

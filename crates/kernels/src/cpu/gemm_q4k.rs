@@ -295,7 +295,7 @@ mod x86 {
             let (low, high_nibbles) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(0xf0u8 as i8));
             let mut acc = _mm512_setzero_ps();
             for s in 0..supers {
-                let (mut sum, mut mins) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+                let (mut sum, mut mins) = (_mm512_setzero_si512(), _mm512_setzero_ps());
                 let mut high = SuperBlockHighBits::load(high.add(16 * s));
                 for b in 8 * s..8 * s + 8 {
                     let (mut lo, mut hi) = (_mm512_setzero_si512(), _mm512_setzero_si512());
@@ -312,16 +312,13 @@ mod x86 {
                     let (block_scales, block_mins) = high.next_block(scales.add(16 * b));
                     let block = _mm512_add_epi32(lo, _mm512_srai_epi32::<4>(hi));
                     sum = _mm512_add_epi32(sum, _mm512_mullo_epi32(block, block_scales));
-                    let block_sum = _mm512_set1_epi32(*block_sums.add(b) as i32);
-                    mins = _mm512_add_epi32(mins, _mm512_mullo_epi32(block_mins, block_sum));
+                    // In f32, exact: products below 2¹⁸, eight of them below 2²¹.
+                    let block_sum = _mm512_set1_ps(*block_sums.add(b));
+                    mins = _mm512_fmadd_ps(_mm512_cvtepi32_ps(block_mins), block_sum, mins);
                 }
                 let dx = _mm512_set1_ps(*dx.add(s));
                 acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(half16(d.add(16 * s)), dx), acc);
-                acc = _mm512_fmadd_ps(
-                    _mm512_cvtepi32_ps(mins),
-                    _mm512_mul_ps(half16(dmin.add(16 * s)), dx),
-                    acc,
-                );
+                acc = _mm512_fmadd_ps(mins, _mm512_mul_ps(half16(dmin.add(16 * s)), dx), acc);
             }
             tile.store(&[[acc]]);
         }

@@ -146,7 +146,7 @@ pub(crate) fn prepare(w: &WeightMatrix) {
 }
 
 /// `out[n, rows] = x[n, cols] · wᵀ`; each weight row is visited once for the whole batch.
-/// BF16 weights meet activations as `precision` says, on every path.
+/// BF16 and FP8 weights meet activations as `precision` says, on every path.
 pub fn matmul(x: &[f32], w: &WeightMatrix, out: &mut [f32], precision: MatmulPrecision) {
     matmul_with(x, w, out, precision, super::weight_repacking())
 }
@@ -165,10 +165,13 @@ fn matmul_with(x: &[f32], w: &WeightMatrix, out: &mut [f32], precision: MatmulPr
     if matches!(path, Path::Gemm(_)) && rows * cols * n < PARALLEL_MIN_WORK {
         path = Path::Dots;
     }
-    let bf16 = precision == MatmulPrecision::Bf16 && w.format() == WeightFormat::Bf16;
-    if bf16 && path != Path::Gemm(Gemm::Bf16) {
-        // The paths that multiply in f32 take the rounded values: BF16 × BF16 products are exact
-        // in f32, so they sum the very products the BF16 GEMM does.
+    let bf16 = precision == MatmulPrecision::Bf16
+        && matches!(w.format(), WeightFormat::Bf16 | WeightFormat::F8E4M3Block { .. });
+    let multiplies_bf16 =
+        path == Path::Gemm(Gemm::Bf16) || (path == Path::Gemm(Gemm::Fp8) && gemm_fp8::bf16_available(isa));
+    if bf16 && !multiplies_bf16 {
+        // The paths that multiply in f32 take the rounded values: BF16 × BF16 (or FP8) products
+        // are exact in f32, so they sum the very products the BF16 instructions do.
         return ROUNDED.with_borrow_mut(|rounded| {
             rounded.clear();
             rounded.extend(x.iter().map(|&v| half::bf16::from_f32(v).to_f32()));
@@ -178,7 +181,7 @@ fn matmul_with(x: &[f32], w: &WeightMatrix, out: &mut [f32], precision: MatmulPr
     run(path, x, w, out, bf16, repack)
 }
 
-/// The matmul along `path`; `bf16` tells the BF16 GEMM to round the activations.
+/// The matmul along `path`; `bf16` tells the BF16 and FP8 GEMMs to round the activations.
 fn run(path: Path, x: &[f32], w: &WeightMatrix, out: &mut [f32], bf16: bool, repack: bool) {
     let (rows, cols) = (w.rows(), w.cols());
     let n = x.len() / cols;
@@ -186,7 +189,7 @@ fn run(path: Path, x: &[f32], w: &WeightMatrix, out: &mut [f32], bf16: bool, rep
     let format = w.format();
     if let Path::Gemm(gemm_path) = path {
         match gemm_path {
-            Gemm::Fp8 => gemm_fp8(isa, x, w, out),
+            Gemm::Fp8 => gemm_fp8(isa, bf16, x, w, out),
             Gemm::Q4k => gemm_q4k(isa, x, w, out),
             Gemm::Q6k => gemm_q6k(isa, x, w, out),
             Gemm::Int8 => gemm_int8_with(isa, repack, x, w, out),
@@ -267,8 +270,8 @@ mod tests {
     }
 
     /// Within `1e-4 · (1 + |exact|)` of the f64 product, under both precisions; with
-    /// [`MatmulPrecision::Bf16`] BF16 weights are held against the product with the activations
-    /// rounded to BF16 (on every path: dots, f32 panels, BF16 GEMM).
+    /// [`MatmulPrecision::Bf16`] BF16 and FP8 weights are held against the product with the
+    /// activations rounded to BF16 (on every path: dots, f32 panels, BF16 and FP8 GEMMs).
     fn check(w: &WeightMatrix, decoded: &[f64], n: usize, seed: u64) {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let x: Vec<f32> = (0..n * w.cols()).map(|_| rng.random_range(-1.0..1.0)).collect();
@@ -277,7 +280,11 @@ mod tests {
             let mut out = vec![0.0f32; n * w.rows()];
             matmul(&x, w, &mut out, precision);
             let seen = match precision {
-                MatmulPrecision::Bf16 if w.format() == WeightFormat::Bf16 => &rounded,
+                MatmulPrecision::Bf16
+                    if matches!(w.format(), WeightFormat::Bf16 | WeightFormat::F8E4M3Block { .. }) =>
+                {
+                    &rounded
+                }
                 _ => &x,
             };
             let expected = reference(seen, decoded, w.rows(), w.cols());

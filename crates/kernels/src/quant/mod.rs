@@ -1,5 +1,5 @@
 //! Block-quantized weight formats, byte-compatible with GGUF files (ggml's `Q8_0`, `Q4_0`, `Q4_K`,
-//! `Q6_K`): block layouts, decoders, quantizers from f32, scalar reference dot products, and the
+//! `Q6_K`), and FP8 E4M3 blocks as DeepSeek-V3 scales them (`fp8`): block layouts, decoders, quantizers from f32, scalar reference dot products, and the
 //! 8-bit activations the integer dot products consume.
 //!
 //! Weights stay in these bytes in memory. A matmul converts each activation row once with
@@ -10,6 +10,7 @@
 //! Every block starts or ends with f16 scales; all multi-byte fields are little-endian.
 
 mod activations;
+pub mod fp8;
 pub mod q4_0;
 pub mod q4_k;
 pub mod q6_k;

@@ -47,15 +47,10 @@ impl DummyWeights {
         let mut state = name_seed(self.seed, name);
         let count = rows * cols;
         if let (Some((br, bc)), true) = (self.fp8_block, name.ends_with("_proj.weight")) {
-            // Sign, exponent 0..7 and mantissa at random: magnitudes up to 1.875 before scaling.
-            let bytes: Vec<u8> = (0..count)
-                .map(|_| {
-                    let r = splitmix64(&mut state);
-                    ((r & 0x80) | ((r >> 8) & 0x38) | ((r >> 16) & 0x07)) as u8
-                })
-                .collect();
-            let scales = vec![WEIGHT_SCALE / 2.0; rows.div_ceil(br) * cols.div_ceil(bc)];
-            return WeightMatrix::new_fp8_block(rows, cols, br, bc, ByteView::from_vec(bytes), scales);
+            // Quantised as DeepSeek-V3 quantises its weights (blocks scaled to their largest
+            // value), so that the bytes are spread like a real checkpoint's.
+            let values: Vec<f32> = (0..count).map(|_| uniform(&mut state, WEIGHT_SCALE)).collect();
+            return r1serve_kernels::quant::fp8::quantize_fp8_blocks(rows, cols, br, bc, &values);
         }
         let bytes: Vec<u8> = match self.dense_format {
             WeightFormat::F32 => (0..count)
