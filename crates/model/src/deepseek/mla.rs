@@ -6,7 +6,9 @@
 //! `q_abs_h = W_UK_hᵀ · q_nope_h`, so `q_h · k_h = [q_abs_h | q_pe_h] · [c_kv | k_pe]`; attention
 //! then returns a latent vector per head, which `W_UV_h` (the value rows) maps to `v_head_dim`.
 
-use r1serve_kernels::{AttentionLayout, Backend, PagedKvCache, RopeTable, SeqSpan, WeightMatrix};
+use r1serve_kernels::{
+    AttentionLayout, Backend, ByteView, PagedKvCache, RopeTable, SeqSpan, WeightFormat, WeightMatrix,
+};
 
 use super::config::DeepseekConfig;
 use crate::error::{ModelError, Result};
@@ -33,9 +35,9 @@ pub struct Mla {
     /// `[kv_lora_rank + rope, hidden]`.
     kv_a: WeightMatrix,
     kv_a_norm: Vec<f32>,
-    /// Per head `W_UK_hᵀ`: `[kv_lora_rank, qk_nope]`, f32 (decoded from `kv_b_proj`).
+    /// Per head `W_UK_hᵀ`: `[kv_lora_rank, qk_nope]`, cut from `kv_b_proj` (see [`split_kv_b`]).
     uk_t: Vec<WeightMatrix>,
-    /// Per head `W_UV_h`: `[v_head_dim, kv_lora_rank]`, f32.
+    /// Per head `W_UV_h`: `[v_head_dim, kv_lora_rank]`, likewise.
     uv: Vec<WeightMatrix>,
     /// `[hidden, heads * v_head_dim]`.
     o: WeightMatrix,
@@ -96,7 +98,7 @@ pub struct MlaScratch {
 }
 
 impl Mla {
-    /// The projections as stored (not the absorbed per-head matrices decoded from `kv_b_proj`).
+    /// The projections as stored (not the absorbed per-head matrices cut from `kv_b_proj`).
     pub fn stored_matrices(&self) -> impl Iterator<Item = &WeightMatrix> {
         let (q, q_b) = match &self.q {
             QueryProj::LowRank { a, b, .. } => (a, Some(b)),
@@ -105,7 +107,7 @@ impl Mla {
         [q].into_iter().chain(q_b).chain([&self.kv_a, &self.o])
     }
 
-    /// Weight bytes one token's attention reads (the absorbed per-head matrices as kept, f32).
+    /// Weight bytes one token's attention reads (the absorbed per-head matrices as kept).
     pub fn bytes_per_token(&self) -> usize {
         let absorbed = self.uk_t.iter().chain(&self.uv);
         self.stored_matrices()
@@ -127,7 +129,7 @@ impl Mla {
             None => QueryProj::Full(store.matrix(&format!("{p}.q_proj.weight"), h * qk, hidden)?),
         };
         let kv_b_name = format!("{p}.kv_b_proj.weight");
-        let kv_b = store.matrix(&kv_b_name, h * (shape.nope + shape.v), r)?.to_f32();
+        let kv_b = store.matrix(&kv_b_name, h * (shape.nope + shape.v), r)?;
         let (uk_t, uv) = split_kv_b(&kv_b, shape).map_err(|source| ModelError::Weight {
             name: kv_b_name,
             path: store.dir().to_owned(),
@@ -238,9 +240,82 @@ impl Mla {
     }
 }
 
-/// Splits decoded `kv_b_proj` (`[heads * (nope + v), kv_lora]`, per head `nope` key rows then `v`
-/// value rows) into per-head `W_UK_hᵀ` (`[kv_lora, nope]`) and `W_UV_h` (`[v, kv_lora]`).
+/// Splits `kv_b_proj` (`[heads * (nope + v), kv_lora]`, per head `nope` key rows then `v` value
+/// rows) into per-head `W_UK_hᵀ` (`[kv_lora, nope]`) and `W_UV_h` (`[v, kv_lora]`), kept in the
+/// stored format where the transpose allows it, so that decode reads no more bytes than the file
+/// holds: F32, F16 and BF16 (elements moved as they are), and FP8 blocks where each head's key
+/// and value rows fill whole block rows (R1's 128×128 blocks with `nope = v = 128`; a key block
+/// transposed is a block of the transposed matrix, under the same scale). Block-quantised rows
+/// (GGUF) cannot be transposed in their format and are decoded to f32.
 fn split_kv_b(
+    kv_b: &WeightMatrix,
+    shape: &MlaShape,
+) -> Result<(Vec<WeightMatrix>, Vec<WeightMatrix>), r1serve_kernels::WeightError> {
+    let (nope, v, r) = (shape.nope, shape.v, shape.kv_lora);
+    let format = kv_b.format();
+    let element = match format {
+        WeightFormat::F32 | WeightFormat::F16 | WeightFormat::Bf16 => format.block_bytes(),
+        WeightFormat::F8E4M3Block { block_rows, .. }
+            if nope.is_multiple_of(block_rows) && v.is_multiple_of(block_rows) =>
+        {
+            1
+        }
+        _ => return split_decoded_kv_b(&kv_b.to_f32(), shape),
+    };
+    let mut uk_t = Vec::with_capacity(shape.heads);
+    let mut uv = Vec::with_capacity(shape.heads);
+    for head in 0..shape.heads {
+        let first = head * (nope + v);
+        let mut transposed = vec![0u8; r * nope * element];
+        for d in 0..nope {
+            for (c, value) in kv_b.row_bytes(first + d).chunks_exact(element).enumerate() {
+                transposed[(c * nope + d) * element..][..element].copy_from_slice(value);
+            }
+        }
+        let values: Vec<u8> = (first + nope..first + nope + v)
+            .flat_map(|row| kv_b.row_bytes(row).iter().copied())
+            .collect();
+        let (keys, values) = (ByteView::from_vec(transposed), ByteView::from_vec(values));
+        if let WeightFormat::F8E4M3Block { block_rows, block_cols } = format {
+            // The block rows of this head's keys, then of its values, `per_row` scales each.
+            let block_scales = |first_row: usize, rows: usize| {
+                (first_row..first_row + rows)
+                    .step_by(block_rows)
+                    .map(|row| kv_b.row_block_scales(row))
+                    .collect::<Vec<_>>()
+            };
+            let key_scales = block_scales(first, nope);
+            let per_row = r.div_ceil(block_cols);
+            let transposed_scales = (0..per_row)
+                .flat_map(|c| key_scales.iter().map(move |row| row[c]))
+                .collect();
+            uk_t.push(WeightMatrix::new_fp8_block(
+                r,
+                nope,
+                block_cols,
+                block_rows,
+                keys,
+                transposed_scales,
+            )?);
+            let value_scales = block_scales(first + nope, v).concat();
+            uv.push(WeightMatrix::new_fp8_block(
+                v,
+                r,
+                block_rows,
+                block_cols,
+                values,
+                value_scales,
+            )?);
+        } else {
+            uk_t.push(WeightMatrix::new(r, nope, format, keys)?);
+            uv.push(WeightMatrix::new(v, r, format, values)?);
+        }
+    }
+    Ok((uk_t, uv))
+}
+
+/// [`split_kv_b`] over decoded values: f32 per-head matrices.
+fn split_decoded_kv_b(
     kv_b: &[f32],
     shape: &MlaShape,
 ) -> Result<(Vec<WeightMatrix>, Vec<WeightMatrix>), r1serve_kernels::WeightError> {
@@ -279,9 +354,86 @@ mod tests {
         let kv_b: Vec<f32> = (0..2)
             .flat_map(|h| (0..3).flat_map(move |k| (0..3).map(move |c| (100 * h + 10 * k + c) as f32)))
             .collect();
-        let (uk_t, uv) = split_kv_b(&kv_b, &shape).unwrap();
+        let (uk_t, uv) = split_decoded_kv_b(&kv_b, &shape).unwrap();
         assert_eq!(uk_t[1].to_f32(), vec![100.0, 110.0, 101.0, 111.0, 102.0, 112.0]);
         assert_eq!(uv[0].to_f32(), vec![20.0, 21.0, 22.0]);
         assert_eq!(uv[1].to_f32(), vec![120.0, 121.0, 122.0]);
+    }
+
+    /// Cut from the stored bytes, each per-head matrix holds exactly the values of the decoded
+    /// split, in the stored format (F32, F16, BF16; FP8 whose heads fill whole block rows, its
+    /// scales moved with the blocks), or in f32 (FP8 blocks that straddle heads, `Q8_0`).
+    #[test]
+    fn kv_b_keeps_its_format() {
+        let shape = MlaShape {
+            heads: 3,
+            nope: 4,
+            rope: 2,
+            v: 2,
+            kv_lora: 64,
+            q_lora: None,
+        };
+        let rows = shape.heads * (shape.nope + shape.v);
+        let values: Vec<f32> = (0..rows * shape.kv_lora)
+            .map(|i| ((i * 7919 % 201) as f32 - 100.0) / 64.0)
+            .collect();
+        let bits =
+            |to_bits: fn(f32) -> u16| -> Vec<u8> { values.iter().flat_map(|&x| to_bits(x).to_le_bytes()).collect() };
+        let fp8 = |block_rows, block_cols| {
+            r1serve_kernels::quant::fp8::quantize_fp8_blocks(rows, shape.kv_lora, block_rows, block_cols, &values)
+                .unwrap()
+        };
+        let q8_0 = r1serve_kernels::quant::quantize(WeightFormat::Q8_0, &values).unwrap();
+        let cases = [
+            (WeightMatrix::from_f32(rows, shape.kv_lora, &values).unwrap(), true),
+            (
+                WeightMatrix::new(
+                    rows,
+                    shape.kv_lora,
+                    WeightFormat::Bf16,
+                    ByteView::from_vec(bits(|x| half::bf16::from_f32(x).to_bits())),
+                )
+                .unwrap(),
+                true,
+            ),
+            (
+                WeightMatrix::new(
+                    rows,
+                    shape.kv_lora,
+                    WeightFormat::F16,
+                    ByteView::from_vec(bits(|x| half::f16::from_f32(x).to_bits())),
+                )
+                .unwrap(),
+                true,
+            ),
+            (fp8(2, 32), true),
+            (fp8(2, 5), true),
+            (fp8(4, 32), false),
+            (
+                WeightMatrix::new(rows, shape.kv_lora, WeightFormat::Q8_0, ByteView::from_vec(q8_0)).unwrap(),
+                false,
+            ),
+        ];
+        for (kv_b, kept) in cases {
+            let (uk_t, uv) = split_kv_b(&kv_b, &shape).unwrap();
+            let (want_uk_t, want_uv) = split_decoded_kv_b(&kv_b.to_f32(), &shape).unwrap();
+            let (uv_format, uk_t_format) = match (kept, kv_b.format()) {
+                (false, _) => (WeightFormat::F32, WeightFormat::F32),
+                (true, WeightFormat::F8E4M3Block { block_rows, block_cols }) => (
+                    kv_b.format(),
+                    WeightFormat::F8E4M3Block {
+                        block_rows: block_cols,
+                        block_cols: block_rows,
+                    },
+                ),
+                (true, format) => (format, format),
+            };
+            let pairs = uk_t.iter().zip(&want_uk_t).map(|pair| (pair, uk_t_format));
+            for ((got, want), format) in pairs.chain(uv.iter().zip(&want_uv).map(|pair| (pair, uv_format))) {
+                assert_eq!(got.format(), format, "{:?}", kv_b.format());
+                assert_eq!((got.rows(), got.cols()), (want.rows(), want.cols()));
+                assert_eq!(got.to_f32(), want.to_f32(), "{:?}", kv_b.format());
+            }
+        }
     }
 }
