@@ -207,12 +207,15 @@ pub fn gemm_fp8(isa: Isa, bf16: bool, x: &[f32], w: &WeightMatrix, out: &mut [f3
 /// One token's activations (`k` a multiple of 4) rounded to BF16, times 2⁶⁴, as the pairs
 /// `(x₀, x₂), (x₁, x₃)` of each step of 4.
 fn arrange_bf16_pairs(x: &[f32], dst: &mut [u32]) {
-    let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512bf16") {
+    let done = if std::arch::is_x86_feature_detected!("avx512bf16") {
         // SAFETY: AVX512-BF16 (and so AVX-512F) was just detected; the function bounds its accesses.
-        done = unsafe { x86::arrange_bf16_pairs(x, dst) };
-    }
+        unsafe { x86::arrange_bf16_pairs(x, dst) }
+    } else {
+        0
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = 0;
     let bits = |v: f32| half::bf16::from_f32(v * ACTIVATION_SCALE).to_bits() as u32;
     for (step, values) in x.chunks_exact(4).enumerate().skip(done / 4) {
         dst[2 * step] = bits(values[0]) | (bits(values[2]) << 16);
@@ -267,15 +270,16 @@ impl Tile<'_> {
                 };
             }
             dispatch!(1 2 3 4);
+            if self.pairs.is_some() {
+                self.add_subnormals(size);
+            }
         }
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!("gemm_fp8 runs on x86_64 only (see supports)");
-        if self.pairs.is_some() {
-            self.add_subnormals(size);
-        }
     }
 
     /// The BF16 way's subnormal weights, times the tokens' rounded activations.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     fn add_subnormals(&self, size: usize) {
         for s in self.subnormals {
             assert!(s.row < self.count, "a panel's subnormals lie in its rows");
