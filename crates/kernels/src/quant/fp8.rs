@@ -29,7 +29,7 @@ pub fn fp8_e4m3_from_f32(v: f32) -> u8 {
     // carry moves into the exponent, as it should.
     let bits = a.to_bits();
     let rounded = bits + 0x7_ffff + ((bits >> 20) & 1);
-    let code = (((rounded >> 23) - 127 + 7) << 3) | ((rounded >> 20) & 7);
+    let code = (((rounded >> 23) + 7 - 127) << 3) | ((rounded >> 20) & 7);
     // Rounding up past 448 lands on 480's NaN code: keep 448 (|v| < 448 here rounds at most to it).
     sign | code.min(0x7e) as u8
 }
