@@ -15,7 +15,7 @@ use golden_support::{fixtures_dir as fixtures, log_softmax};
 use r1serve_kernels::{CpuBackend, MatmulPrecision, PagedKvCache, WeightFormat};
 use r1serve_model::gguf::GgufFile;
 use r1serve_model::weights::WeightStore;
-use r1serve_model::{load_model, Batch, CausalLm, LogitsWanted, ModelDir, SeqInput};
+use r1serve_model::{load_model, Batch, CausalLm, LogitsWanted, ModelDir, ModelError, SeqInput};
 
 fn logits(model: &dyn CausalLm, tokens: &[u32]) -> Vec<f32> {
     let blocks = tokens.len().div_ceil(4) + 1;
@@ -116,6 +116,40 @@ fn dsv2_f32_legacy_kv_b() {
 #[test]
 fn dsv3_f16_split_kv_b() {
     check_fixture("dsv3-bf16-f16.gguf", "dsv3-bf16", 1e-3);
+}
+
+/// The split `attn_k_b` / `attn_v_b` serve the absorbed attention as stored (F16 here, once
+/// decoded to f32): per head, exactly the rows of the rebuilt `kv_b_proj`, `W_UK_hᵀ` transposed.
+#[test]
+fn split_kv_b_stays_as_stored() {
+    let store = WeightStore::open_gguf(&fixtures().join("gguf/dsv3-bf16-f16.gguf")).unwrap();
+    let (heads, nope, v, rank) = (4, 16, 16, 32);
+    let name = "model.layers.0.self_attn.kv_b_proj.weight";
+    let (uk_t, uv) = store.split_kv_b(name, heads, nope, v, rank).unwrap().unwrap();
+    let kv_b = store.matrix(name, heads * (nope + v), rank).unwrap().to_f32();
+    assert_eq!((uk_t.len(), uv.len()), (heads, heads));
+    for h in 0..heads {
+        let (keys, values) = (uk_t[h].to_f32(), uv[h].to_f32());
+        assert_eq!(
+            (uk_t[h].format(), uv[h].format()),
+            (WeightFormat::F16, WeightFormat::F16)
+        );
+        for c in 0..rank {
+            for d in 0..nope {
+                assert_eq!(
+                    keys[c * nope + d],
+                    kv_b[(h * (nope + v) + d) * rank + c],
+                    "head {h} [{c}][{d}]"
+                );
+            }
+        }
+        assert_eq!(values, kv_b[(h * (nope + v) + nope) * rank..][..v * rank]);
+    }
+    let wrong = store.split_kv_b(name, heads, nope + 1, v - 1, rank);
+    assert!(matches!(wrong, Err(ModelError::Gguf { .. })), "{wrong:?}");
+    // A legacy file holds one `attn_kv_b`: no split to give.
+    let legacy = WeightStore::open_gguf(&fixtures().join("gguf/dsv2-f32.gguf")).unwrap();
+    assert!(legacy.split_kv_b(name, heads, nope, v, rank).unwrap().is_none());
 }
 
 #[test]

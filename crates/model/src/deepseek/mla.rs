@@ -129,12 +129,17 @@ impl Mla {
             None => QueryProj::Full(store.matrix(&format!("{p}.q_proj.weight"), h * qk, hidden)?),
         };
         let kv_b_name = format!("{p}.kv_b_proj.weight");
-        let kv_b = store.matrix(&kv_b_name, h * (shape.nope + shape.v), r)?;
-        let (uk_t, uv) = split_kv_b(&kv_b, shape).map_err(|source| ModelError::Weight {
-            name: kv_b_name,
-            path: store.dir().to_owned(),
-            source,
-        })?;
+        let (uk_t, uv) = match store.split_kv_b(&kv_b_name, h, shape.nope, shape.v, r)? {
+            Some(split) => split,
+            None => {
+                let kv_b = store.matrix(&kv_b_name, h * (shape.nope + shape.v), r)?;
+                split_kv_b(&kv_b, shape).map_err(|source| ModelError::Weight {
+                    name: kv_b_name,
+                    path: store.dir().to_owned(),
+                    source,
+                })?
+            }
+        };
         Ok(Self {
             q,
             kv_a: store.matrix(&format!("{p}.kv_a_proj_with_mqa.weight"), shape.latent_width(), hidden)?,

@@ -233,6 +233,46 @@ impl GgufWeights {
         }
     }
 
+    /// `kv_b_proj` as the per-head matrices absorbed attention multiplies by, where the file keeps
+    /// it split (`attn_k_b`: per head `W_UK_hᵀ`, `[kv_lora, nope]`; `attn_v_b`: per head `W_UV_h`,
+    /// `[v, kv_lora]`): each head's rows as stored, in their format. `None` where `kv_b_proj` is
+    /// one tensor.
+    pub fn split_kv_b(
+        &self,
+        name: &str,
+        heads: usize,
+        nope: usize,
+        v: usize,
+        rank: usize,
+    ) -> Result<Option<(Vec<WeightMatrix>, Vec<WeightMatrix>)>> {
+        let rows = nope.checked_add(v).and_then(|width| width.checked_mul(heads));
+        let entry = self.entry(name, &[rows.unwrap_or(usize::MAX), rank])?;
+        let Source::KvB { k_b, v_b } = entry.source else {
+            return Ok(None);
+        };
+        let (k, vt) = (&self.tensors[k_b], &self.tensors[v_b]);
+        let expected = |dims: [usize; 3]| dims.map(|d| d as u64);
+        if k.dims[..] != expected([nope, rank, heads]) || vt.dims[..] != expected([rank, v, heads]) {
+            return Err(self.bad(
+                k,
+                format!(
+                    "attn_k_b / attn_v_b dims {:?} / {:?} do not split {heads} heads of {nope} key and {v} value rows over rank {rank}",
+                    k.dims, vt.dims
+                ),
+            ));
+        }
+        let per_head = |t: &TensorInfo, rows: usize, cols: usize| -> Result<Vec<WeightMatrix>> {
+            let format = self.format(name, t)?;
+            (0..heads)
+                .map(|h| {
+                    let view = self.rows_view(t, h * rows, rows)?;
+                    WeightMatrix::new(rows, cols, format, view).map_err(self.weight_err(name))
+                })
+                .collect()
+        };
+        Ok(Some((per_head(k, rank, nope)?, per_head(vt, v, rank)?)))
+    }
+
     /// `kv_b_proj` `[heads·(nope+v), kv_lora]` from `attn_k_b` (per head `[kv_lora, nope]`, the
     /// nope rows transposed) and `attn_v_b` (per head `[v, kv_lora]`).
     fn kv_b(&self, name: &str, k_b: usize, v_b: usize) -> Result<Vec<f32>> {

@@ -229,11 +229,37 @@ impl WeightStore {
             })?,
             None => stored,
         };
+        self.count_matrix();
+        Ok(matrix)
+    }
+
+    /// One more matrix handed out, for the conversion's progress.
+    fn count_matrix(&self) {
         let done = self.matrices_done.fetch_add(1, Ordering::Relaxed) + 1;
         if let Some(progress) = &self.progress {
             progress(done);
         }
-        Ok(matrix)
+    }
+
+    /// `kv_b_proj` as per-head `W_UK_hᵀ` / `W_UV_h`, kept as stored, where the file holds it split
+    /// that way (GGUF `attn_k_b` / `attn_v_b`) and no conversion was asked for; `None` otherwise
+    /// (then [`WeightStore::matrix`] gives the whole tensor).
+    pub fn split_kv_b(
+        &self,
+        name: &str,
+        heads: usize,
+        nope: usize,
+        v: usize,
+        rank: usize,
+    ) -> Result<Option<(Vec<WeightMatrix>, Vec<WeightMatrix>)>> {
+        let (Some(gguf), None, None) = (&self.gguf, &self.dummy, self.convert_to) else {
+            return Ok(None);
+        };
+        let split = gguf.split_kv_b(name, heads, nope, v, rank)?;
+        if split.is_some() {
+            self.count_matrix();
+        }
+        Ok(split)
     }
 
     fn stored_matrix(&self, name: &str, rows: usize, cols: usize) -> Result<WeightMatrix> {
