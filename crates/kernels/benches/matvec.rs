@@ -14,7 +14,7 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use r1serve_kernels::cpu;
 use r1serve_kernels::cpu::dot::{dot_row_prepared_with, Isa};
-use r1serve_kernels::{ByteView, MatmulPrecision, PreparedActivations, WeightFormat, WeightMatrix};
+use r1serve_kernels::{Backend, ByteView, MatmulPrecision, PreparedActivations, WeightFormat, WeightMatrix};
 use rand::{Rng, SeedableRng};
 
 const N: usize = 4096;
@@ -331,6 +331,40 @@ fn decode(c: &mut Criterion) {
             })
         });
     }
+    // R1's absorbed attention: one token through 128 heads' 512×128 FP8 `W_UK_hᵀ`, one job for
+    // all heads against one job per head (every layer's heads cycled, as decode reads them).
+    let fp8 = WeightFormat::F8E4M3Block {
+        block_rows: 128,
+        block_cols: 128,
+    };
+    let (heads, rows, cols) = (128, 512, 128);
+    let one = gemm_weights(fp8, rows, cols, &mut rng);
+    let layers = working_set_bytes().div_ceil(heads * one.stored_bytes()).max(1);
+    let layer_heads: Vec<Vec<WeightMatrix>> = (0..layers)
+        .map(|_| (0..heads).map(|_| same_weights(&one)).collect())
+        .collect();
+    let x: Vec<f32> = (0..heads * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let mut out = vec![0.0f32; heads * rows];
+    group.throughput(Throughput::BytesDecimal((heads * one.stored_bytes()) as u64));
+    let backend = cpu::CpuBackend::new(MatmulPrecision::default());
+    for w in layer_heads.iter().flatten() {
+        backend.matmul(&x[..cols], w, &mut out[..rows]);
+    }
+    let mut next = 0;
+    group.bench_function(format!("F8_E4M3/{heads}x{rows}x{cols}/matmul_heads"), |b| {
+        b.iter(|| {
+            backend.matmul_heads(&x, cols, &layer_heads[next % layers], &mut out, rows);
+            next += 1;
+        })
+    });
+    group.bench_function(format!("F8_E4M3/{heads}x{rows}x{cols}/matmul_per_head"), |b| {
+        b.iter(|| {
+            for (h, w) in layer_heads[next % layers].iter().enumerate() {
+                backend.matmul(&x[h * cols..][..cols], w, &mut out[h * rows..][..rows]);
+            }
+            next += 1;
+        })
+    });
     group.finish();
 }
 

@@ -108,6 +108,19 @@ pub trait Backend: Send + Sync {
     /// computes in f32), where a BF16 rounding can flip an expert.
     fn matmul_f32(&self, x: &[f32], w: &WeightMatrix, out: &mut [f32]);
 
+    /// One token's products with a matrix per head: `out[h·out_stride..][..w_h.rows] =
+    /// w_h · x[h·x_stride..][..w_h.cols]` for each `w_h` of `weights` (the absorbed attention's
+    /// `W_UK_hᵀ` and `W_UV_h`). A backend may run the heads as one job rather than one per head.
+    fn matmul_heads(&self, x: &[f32], x_stride: usize, weights: &[WeightMatrix], out: &mut [f32], out_stride: usize) {
+        for (h, w) in weights.iter().enumerate() {
+            self.matmul(
+                &x[h * x_stride..][..w.cols()],
+                w,
+                &mut out[h * out_stride..][..w.rows()],
+            );
+        }
+    }
+
     /// Builds now what the backend would otherwise build on `w`'s first use (its own copy of the
     /// weights), so that it does not happen while serving.
     fn prepare_weight(&self, w: &WeightMatrix) {

@@ -204,22 +204,30 @@ impl Mla {
         be.rope(entries, spans, w, r, rope);
         be.kv_store(cache, layer, spans, entries);
 
-        // Absorbed queries: [n, heads, kv_lora | rope] with q_abs_h = W_UK_hᵀ q_nope_h.
+        // Absorbed queries: [n, heads, kv_lora | rope] with q_abs_h = W_UK_hᵀ q_nope_h; one
+        // token's heads in one call (its heads' inputs and outputs lie at fixed strides).
         let q_abs = ensure(&mut s.q_abs, n * heads * w);
-        for (h, uk_t) in self.uk_t.iter().enumerate() {
-            let head_in = ensure(&mut s.head_in, n * nope); // [n, nope]
-            for (dst, src) in head_in.chunks_exact_mut(nope).zip(q.chunks_exact(heads * qk)) {
-                dst.copy_from_slice(&src[h * qk..h * qk + nope]);
+        if n == 1 {
+            be.matmul_heads(q, qk, &self.uk_t, q_abs, w);
+            for (dst, src) in q_abs.chunks_exact_mut(w).zip(q.chunks_exact(qk)) {
+                dst[r..].copy_from_slice(&src[nope..]);
             }
-            let head_out = ensure(&mut s.head_out, n * r); // [n, kv_lora]
-            be.matmul(head_in, uk_t, head_out);
-            for ((dst, absorbed), src) in q_abs
-                .chunks_exact_mut(heads * w)
-                .zip(head_out.chunks_exact(r))
-                .zip(q.chunks_exact(heads * qk))
-            {
-                dst[h * w..h * w + r].copy_from_slice(absorbed);
-                dst[h * w + r..(h + 1) * w].copy_from_slice(&src[h * qk + nope..(h + 1) * qk]);
+        } else {
+            for (h, uk_t) in self.uk_t.iter().enumerate() {
+                let head_in = ensure(&mut s.head_in, n * nope); // [n, nope]
+                for (dst, src) in head_in.chunks_exact_mut(nope).zip(q.chunks_exact(heads * qk)) {
+                    dst.copy_from_slice(&src[h * qk..h * qk + nope]);
+                }
+                let head_out = ensure(&mut s.head_out, n * r); // [n, kv_lora]
+                be.matmul(head_in, uk_t, head_out);
+                for ((dst, absorbed), src) in q_abs
+                    .chunks_exact_mut(heads * w)
+                    .zip(head_out.chunks_exact(r))
+                    .zip(q.chunks_exact(heads * qk))
+                {
+                    dst[h * w..h * w + r].copy_from_slice(absorbed);
+                    dst[h * w + r..(h + 1) * w].copy_from_slice(&src[h * qk + nope..(h + 1) * qk]);
+                }
             }
         }
 
@@ -230,15 +238,19 @@ impl Mla {
         // Values per head through W_UV_h: [n, heads, v].
         let v = shape.v;
         let values = ensure(&mut s.values, n * heads * v);
-        for (h, uv) in self.uv.iter().enumerate() {
-            let head_in = ensure(&mut s.head_in, n * r);
-            for (dst, src) in head_in.chunks_exact_mut(r).zip(attn.chunks_exact(heads * r)) {
-                dst.copy_from_slice(&src[h * r..(h + 1) * r]);
-            }
-            let head_out = ensure(&mut s.head_out, n * v);
-            be.matmul(head_in, uv, head_out);
-            for (dst, src) in values.chunks_exact_mut(heads * v).zip(head_out.chunks_exact(v)) {
-                dst[h * v..(h + 1) * v].copy_from_slice(src);
+        if n == 1 {
+            be.matmul_heads(attn, r, &self.uv, values, v);
+        } else {
+            for (h, uv) in self.uv.iter().enumerate() {
+                let head_in = ensure(&mut s.head_in, n * r);
+                for (dst, src) in head_in.chunks_exact_mut(r).zip(attn.chunks_exact(heads * r)) {
+                    dst.copy_from_slice(&src[h * r..(h + 1) * r]);
+                }
+                let head_out = ensure(&mut s.head_out, n * v);
+                be.matmul(head_in, uv, head_out);
+                for (dst, src) in values.chunks_exact_mut(heads * v).zip(head_out.chunks_exact(v)) {
+                    dst[h * v..(h + 1) * v].copy_from_slice(src);
+                }
             }
         }
         be.matmul(values, &self.o, out);
