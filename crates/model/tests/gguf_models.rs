@@ -14,7 +14,7 @@ use gguf_support::{Writer, F32, Q8_0};
 use golden_support::{fixtures_dir as fixtures, log_softmax};
 use r1serve_kernels::{CpuBackend, MatmulPrecision, PagedKvCache, WeightFormat};
 use r1serve_model::gguf::GgufFile;
-use r1serve_model::weights::WeightStore;
+use r1serve_model::weights::{KvBShape, WeightStore};
 use r1serve_model::{load_model, Batch, CausalLm, LogitsWanted, ModelDir, ModelError, SeqInput};
 
 fn logits(model: &dyn CausalLm, tokens: &[u32]) -> Vec<f32> {
@@ -125,7 +125,10 @@ fn split_kv_b_stays_as_stored() {
     let store = WeightStore::open_gguf(&fixtures().join("gguf/dsv3-bf16-f16.gguf")).unwrap();
     let (heads, nope, v, rank) = (4, 16, 16, 32);
     let name = "model.layers.0.self_attn.kv_b_proj.weight";
-    let (uk_t, uv) = store.split_kv_b(name, heads, nope, v, rank).unwrap().unwrap();
+    let (uk_t, uv) = store
+        .split_kv_b(name, KvBShape { heads, nope, v, rank })
+        .unwrap()
+        .unwrap();
     let kv_b = store.matrix(name, heads * (nope + v), rank).unwrap().to_f32();
     assert_eq!((uk_t.len(), uv.len()), (heads, heads));
     for h in 0..heads {
@@ -145,11 +148,22 @@ fn split_kv_b_stays_as_stored() {
         }
         assert_eq!(values, kv_b[(h * (nope + v) + nope) * rank..][..v * rank]);
     }
-    let wrong = store.split_kv_b(name, heads, nope + 1, v - 1, rank);
+    let wrong = store.split_kv_b(
+        name,
+        KvBShape {
+            heads,
+            nope: nope + 1,
+            v: v - 1,
+            rank,
+        },
+    );
     assert!(matches!(wrong, Err(ModelError::Gguf { .. })), "{wrong:?}");
     // A legacy file holds one `attn_kv_b`: no split to give.
     let legacy = WeightStore::open_gguf(&fixtures().join("gguf/dsv2-f32.gguf")).unwrap();
-    assert!(legacy.split_kv_b(name, heads, nope, v, rank).unwrap().is_none());
+    assert!(legacy
+        .split_kv_b(name, KvBShape { heads, nope, v, rank })
+        .unwrap()
+        .is_none());
 }
 
 #[test]

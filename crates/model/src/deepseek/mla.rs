@@ -13,7 +13,7 @@ use r1serve_kernels::{
 use super::config::DeepseekConfig;
 use crate::error::{ModelError, Result};
 use crate::model::ensure;
-use crate::weights::WeightStore;
+use crate::weights::{HeadMatrices, KvBShape, WeightStore};
 
 /// eps of `q_a_layernorm` / `kv_a_layernorm`: both references build them with the RMSNorm default
 /// (1e-6), not the config's `rms_norm_eps`.
@@ -129,7 +129,13 @@ impl Mla {
             None => QueryProj::Full(store.matrix(&format!("{p}.q_proj.weight"), h * qk, hidden)?),
         };
         let kv_b_name = format!("{p}.kv_b_proj.weight");
-        let (uk_t, uv) = match store.split_kv_b(&kv_b_name, h, shape.nope, shape.v, r)? {
+        let kv_b_shape = KvBShape {
+            heads: h,
+            nope: shape.nope,
+            v: shape.v,
+            rank: r,
+        };
+        let (uk_t, uv) = match store.split_kv_b(&kv_b_name, kv_b_shape)? {
             Some(split) => split,
             None => {
                 let kv_b = store.matrix(&kv_b_name, h * (shape.nope + shape.v), r)?;
@@ -264,10 +270,7 @@ impl Mla {
 /// and value rows fill whole block rows (R1's 128×128 blocks with `nope = v = 128`; a key block
 /// transposed is a block of the transposed matrix, under the same scale). Block-quantised rows
 /// (GGUF) cannot be transposed in their format and are decoded to f32.
-fn split_kv_b(
-    kv_b: &WeightMatrix,
-    shape: &MlaShape,
-) -> Result<(Vec<WeightMatrix>, Vec<WeightMatrix>), r1serve_kernels::WeightError> {
+fn split_kv_b(kv_b: &WeightMatrix, shape: &MlaShape) -> Result<HeadMatrices, r1serve_kernels::WeightError> {
     let (nope, v, r) = (shape.nope, shape.v, shape.kv_lora);
     let format = kv_b.format();
     let element = match format {
@@ -332,10 +335,7 @@ fn split_kv_b(
 }
 
 /// [`split_kv_b`] over decoded values: f32 per-head matrices.
-fn split_decoded_kv_b(
-    kv_b: &[f32],
-    shape: &MlaShape,
-) -> Result<(Vec<WeightMatrix>, Vec<WeightMatrix>), r1serve_kernels::WeightError> {
+fn split_decoded_kv_b(kv_b: &[f32], shape: &MlaShape) -> Result<HeadMatrices, r1serve_kernels::WeightError> {
     let (nope, v, r) = (shape.nope, shape.v, shape.kv_lora);
     let mut uk_t = Vec::with_capacity(shape.heads);
     let mut uv = Vec::with_capacity(shape.heads);

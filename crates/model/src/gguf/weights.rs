@@ -15,6 +15,7 @@ use super::reader::TensorInfo;
 use super::types::SUPPORTED;
 use super::GgufFile;
 use crate::error::{ModelError, Result};
+use crate::weights::{HeadMatrices, KvBShape};
 
 /// A GGUF file's tensors by HF name.
 pub struct GgufWeights {
@@ -237,14 +238,8 @@ impl GgufWeights {
     /// it split (`attn_k_b`: per head `W_UK_hᵀ`, `[kv_lora, nope]`; `attn_v_b`: per head `W_UV_h`,
     /// `[v, kv_lora]`): each head's rows as stored, in their format. `None` where `kv_b_proj` is
     /// one tensor.
-    pub fn split_kv_b(
-        &self,
-        name: &str,
-        heads: usize,
-        nope: usize,
-        v: usize,
-        rank: usize,
-    ) -> Result<Option<(Vec<WeightMatrix>, Vec<WeightMatrix>)>> {
+    pub fn split_kv_b(&self, name: &str, shape: KvBShape) -> Result<Option<HeadMatrices>> {
+        let KvBShape { heads, nope, v, rank } = shape;
         let rows = nope.checked_add(v).and_then(|width| width.checked_mul(heads));
         let entry = self.entry(name, &[rows.unwrap_or(usize::MAX), rank])?;
         let Source::KvB { k_b, v_b } = entry.source else {

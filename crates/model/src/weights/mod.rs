@@ -20,6 +20,19 @@ use crate::error::{ModelError, Result};
 use crate::gguf::GgufWeights;
 use safetensors_file::{MappedFile, TensorEntry};
 
+/// The shape of `kv_b_proj` in heads: `heads · (nope + v)` rows of `rank` values, per head `nope`
+/// key rows then `v` value rows.
+#[derive(Clone, Copy, Debug)]
+pub struct KvBShape {
+    pub heads: usize,
+    pub nope: usize,
+    pub v: usize,
+    pub rank: usize,
+}
+
+/// Per head `W_UK_hᵀ` (`[rank, nope]`) and `W_UV_h` (`[v, rank]`).
+pub type HeadMatrices = (Vec<WeightMatrix>, Vec<WeightMatrix>);
+
 const PICKLE_EXTENSIONS: [&str; 4] = ["bin", "pt", "pth", "ckpt"];
 
 /// Name → tensor across all files of a checkpoint.
@@ -244,18 +257,11 @@ impl WeightStore {
     /// `kv_b_proj` as per-head `W_UK_hᵀ` / `W_UV_h`, kept as stored, where the file holds it split
     /// that way (GGUF `attn_k_b` / `attn_v_b`) and no conversion was asked for; `None` otherwise
     /// (then [`WeightStore::matrix`] gives the whole tensor).
-    pub fn split_kv_b(
-        &self,
-        name: &str,
-        heads: usize,
-        nope: usize,
-        v: usize,
-        rank: usize,
-    ) -> Result<Option<(Vec<WeightMatrix>, Vec<WeightMatrix>)>> {
+    pub fn split_kv_b(&self, name: &str, shape: KvBShape) -> Result<Option<HeadMatrices>> {
         let (Some(gguf), None, None) = (&self.gguf, &self.dummy, self.convert_to) else {
             return Ok(None);
         };
-        let split = gguf.split_kv_b(name, heads, nope, v, rank)?;
+        let split = gguf.split_kv_b(name, shape)?;
         if split.is_some() {
             self.count_matrix();
         }
