@@ -132,6 +132,8 @@ struct FilledContext {
     depth: usize,
     /// Each sequence's block table.
     tables: Vec<Vec<u32>>,
+    /// The last forward's logits, the buffer kept across passes.
+    logits: Vec<f32>,
 }
 
 impl FilledContext {
@@ -154,6 +156,7 @@ impl FilledContext {
                     (0..full).chain(own).map(|b| b as u32).collect()
                 })
                 .collect(),
+            logits: Vec::new(),
         };
         let ids = prompt_ids(depth, model.info().vocab_size);
         // The first sequence fills the whole context; the others only their own part of it.
@@ -183,7 +186,7 @@ impl FilledContext {
             block_table: &self.tables[stream],
             logits,
         };
-        model.forward(&Batch::single(seq), &mut self.cache, &mut Vec::new())?;
+        model.forward(&Batch::single(seq), &mut self.cache, &mut self.logits)?;
         Ok(())
     }
 }
@@ -199,22 +202,26 @@ fn time_prefill(model: &dyn CausalLm, context: &mut FilledContext, n: usize) -> 
 /// Decodes `n` tokens after the context in each of `streams` sequences, one token per sequence
 /// per step, all in one batch; returns the aggregate tokens/s.
 fn time_decode(model: &dyn CausalLm, context: &mut FilledContext, n: usize, streams: usize) -> anyhow::Result<f64> {
-    let tables = &context.tables[..streams];
+    let FilledContext {
+        cache,
+        depth,
+        tables,
+        logits,
+    } = context;
     let tokens = prompt_ids(n + streams, model.info().vocab_size);
-    let mut logits = Vec::new();
     let start = Instant::now();
     for pos in 0..n {
-        let seqs = tables
+        let seqs = tables[..streams]
             .iter()
             .enumerate()
             .map(|(s, table)| SeqInput {
                 tokens: std::slice::from_ref(&tokens[pos + s]),
-                start_pos: context.depth + pos,
+                start_pos: *depth + pos,
                 block_table: table,
                 logits: LogitsWanted::Last,
             })
             .collect();
-        model.forward(&Batch { seqs }, &mut context.cache, &mut logits)?;
+        model.forward(&Batch { seqs }, cache, logits)?;
     }
     Ok((n * streams) as f64 / start.elapsed().as_secs_f64())
 }

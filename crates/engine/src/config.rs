@@ -79,7 +79,7 @@ impl Limits {
         let num_blocks = match config.kv_cache {
             KvCacheSize::Blocks(n) => n,
             KvCacheSize::Bytes(bytes) => {
-                let per_token = model.kv_entry_widths().iter().sum::<usize>() * config.kv_cache_dtype.bytes();
+                let per_token = config.kv_cache_dtype.token_bytes(&model.kv_entry_widths());
                 let per_block = (per_token * config.block_size).max(1) as u64;
                 let fit = usize::try_from(bytes / per_block).unwrap_or(usize::MAX);
                 let useful = config

@@ -36,6 +36,11 @@ impl KvCacheDtype {
         }
     }
 
+    /// Bytes one token occupies in a cache of entries `widths` wide (one per layer).
+    pub fn token_bytes(self, widths: &[usize]) -> usize {
+        widths.iter().sum::<usize>() * self.bytes()
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             KvCacheDtype::F32 => "float32",
@@ -112,7 +117,7 @@ impl PagedKvCache {
 
     /// Bytes of cache one token occupies over all layers.
     pub fn bytes_per_token(&self) -> usize {
-        self.widths.iter().sum::<usize>() * self.dtype().bytes()
+        self.dtype().token_bytes(&self.widths)
     }
 
     /// Checks that every span's positions have a slot in an existing block.

@@ -48,8 +48,6 @@ const BF16_UNBIAS: f32 = (1u64 << 56) as f32;
 thread_local! {
     /// The batch's activations as arranged BF16 pairs, `[token][step][2]` (caller's thread).
     static ACTIVATIONS: RefCell<AlignedBuf> = RefCell::new(AlignedBuf::default());
-    /// The batch's activations rounded to BF16, for a matrix of many subnormals (caller's thread).
-    static ROUNDED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Whether this kernel runs on `isa` (AVX-512) for `w`: FP8 blocks of whole panels of rows and
@@ -190,11 +188,7 @@ pub fn gemm_fp8(isa: Isa, bf16: bool, x: &[f32], w: &WeightMatrix, out: &mut [f3
         return run(x, None);
     }
     if !panels.bf16_way {
-        return ROUNDED.with_borrow_mut(|rounded| {
-            rounded.clear();
-            rounded.extend(x.iter().map(|&v| half::bf16::from_f32(v).to_f32()));
-            run(rounded, None)
-        });
+        return super::matmul::with_bf16_rounded(x, |rounded| run(rounded, None));
     }
     ACTIVATIONS.with_borrow_mut(|pairs| {
         pairs.resize(n * k / 2);

@@ -128,6 +128,16 @@ thread_local! {
     static ROUNDED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Runs `f` on `x` rounded to BF16 (to nearest even), kept in f32: what the kernels that
+/// multiply in f32 take where BF16 activations were asked for.
+pub(crate) fn with_bf16_rounded<R>(x: &[f32], f: impl FnOnce(&[f32]) -> R) -> R {
+    ROUNDED.with_borrow_mut(|rounded| {
+        rounded.clear();
+        rounded.extend(x.iter().map(|&v| half::bf16::from_f32(v).to_f32()));
+        f(rounded)
+    })
+}
+
 /// Builds the panels `matmul` keeps for `w` (see [`super::weight_repacking`]) for the GEMM a
 /// batch of tokens takes, if any.
 pub(crate) fn prepare(w: &WeightMatrix) {
@@ -172,11 +182,7 @@ fn matmul_with(x: &[f32], w: &WeightMatrix, out: &mut [f32], precision: MatmulPr
     if bf16 && !multiplies_bf16 {
         // The paths that multiply in f32 take the rounded values: BF16 × BF16 (or FP8) products
         // are exact in f32, so they sum the very products the BF16 instructions do.
-        return ROUNDED.with_borrow_mut(|rounded| {
-            rounded.clear();
-            rounded.extend(x.iter().map(|&v| half::bf16::from_f32(v).to_f32()));
-            run(path, rounded, w, out, false, repack)
-        });
+        return with_bf16_rounded(x, |rounded| run(path, rounded, w, out, false, repack));
     }
     run(path, x, w, out, bf16, repack)
 }

@@ -280,7 +280,12 @@ fn split_kv_b(kv_b: &WeightMatrix, shape: &MlaShape) -> Result<HeadMatrices, r1s
         {
             1
         }
-        _ => return split_decoded_kv_b(&kv_b.to_f32(), shape),
+        _ => {
+            return split_kv_b(
+                &WeightMatrix::from_f32(kv_b.rows(), kv_b.cols(), &kv_b.to_f32())?,
+                shape,
+            )
+        }
     };
     let mut uk_t = Vec::with_capacity(shape.heads);
     let mut uv = Vec::with_capacity(shape.heads);
@@ -334,28 +339,28 @@ fn split_kv_b(kv_b: &WeightMatrix, shape: &MlaShape) -> Result<HeadMatrices, r1s
     Ok((uk_t, uv))
 }
 
-/// [`split_kv_b`] over decoded values: f32 per-head matrices.
-fn split_decoded_kv_b(kv_b: &[f32], shape: &MlaShape) -> Result<HeadMatrices, r1serve_kernels::WeightError> {
-    let (nope, v, r) = (shape.nope, shape.v, shape.kv_lora);
-    let mut uk_t = Vec::with_capacity(shape.heads);
-    let mut uv = Vec::with_capacity(shape.heads);
-    let mut transposed = vec![0.0f32; r * nope];
-    for head in kv_b.chunks_exact((nope + v) * r).take(shape.heads) {
-        let (keys, values) = head.split_at(nope * r);
-        for (d, row) in keys.chunks_exact(r).enumerate() {
-            for (c, &value) in row.iter().enumerate() {
-                transposed[c * nope + d] = value;
-            }
-        }
-        uk_t.push(WeightMatrix::from_f32(r, nope, &transposed)?);
-        uv.push(WeightMatrix::from_f32(v, r, values)?);
-    }
-    Ok((uk_t, uv))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The split over decoded values, element by element: the reference `split_kv_b` is held to.
+    fn split_decoded_kv_b(kv_b: &[f32], shape: &MlaShape) -> Result<HeadMatrices, r1serve_kernels::WeightError> {
+        let (nope, v, r) = (shape.nope, shape.v, shape.kv_lora);
+        let mut uk_t = Vec::with_capacity(shape.heads);
+        let mut uv = Vec::with_capacity(shape.heads);
+        let mut transposed = vec![0.0f32; r * nope];
+        for head in kv_b.chunks_exact((nope + v) * r).take(shape.heads) {
+            let (keys, values) = head.split_at(nope * r);
+            for (d, row) in keys.chunks_exact(r).enumerate() {
+                for (c, &value) in row.iter().enumerate() {
+                    transposed[c * nope + d] = value;
+                }
+            }
+            uk_t.push(WeightMatrix::from_f32(r, nope, &transposed)?);
+            uv.push(WeightMatrix::from_f32(v, r, values)?);
+        }
+        Ok((uk_t, uv))
+    }
 
     #[test]
     fn kv_b_split_rows_and_transpose() {
@@ -371,7 +376,7 @@ mod tests {
         let kv_b: Vec<f32> = (0..2)
             .flat_map(|h| (0..3).flat_map(move |k| (0..3).map(move |c| (100 * h + 10 * k + c) as f32)))
             .collect();
-        let (uk_t, uv) = split_decoded_kv_b(&kv_b, &shape).unwrap();
+        let (uk_t, uv) = split_kv_b(&WeightMatrix::from_f32(6, 3, &kv_b).unwrap(), &shape).unwrap();
         assert_eq!(uk_t[1].to_f32(), vec![100.0, 110.0, 101.0, 111.0, 102.0, 112.0]);
         assert_eq!(uv[0].to_f32(), vec![20.0, 21.0, 22.0]);
         assert_eq!(uv[1].to_f32(), vec![120.0, 121.0, 122.0]);
